@@ -1,0 +1,159 @@
+"""The one typed schema of every key a tunelab config may hold.
+
+Key names are LLaMA-Factory's: its users bring their YAML unchanged. Each key is a dataclass field declared with
+`option()`, which records its help text and the values it allows; the loader (`config/load.py`), the cross-field
+rules (`config/rules.py`), the CLI and the docs all read this one declaration.
+
+Keys of transformers' `TrainingArguments` that tunelab passes through untouched (`weight_decay`, `adam_beta2`, ...)
+are listed in `config/passthrough.py` rather than redeclared here.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+STAGES = ("pt", "sft")
+METHODS = ("full", "freeze", "lora", "qlora")
+
+
+def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
+           exclusive_minimum: bool = False) -> Any:
+    """A config key: its default, one line of help, and the numeric range it accepts."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelOptions:
+    model_name_or_path: str | None = option(None, "Hub id, local directory, or local .gguf file of the base model.")
+    adapter_name_or_path: list[str] | None = option(
+        None, "LoRA adapters to load (comma list): all but the last are merged, the last one is trained on.")
+    cache_dir: str | None = option(None, "Where downloaded models and datasets are cached.")
+    model_revision: str = option("main", "Branch, tag or commit of the model on the hub.")
+    hf_hub_token: str | None = option(None, "Token for private hub models.")
+    trust_remote_code: bool = option(False, "Allow running the model repository's own Python code.")
+    use_fast_tokenizer: bool = option(True, "Use the tokenizers-backed (Rust) tokenizer.")
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = option(
+        "auto", "Weights dtype when neither bf16 nor fp16 is set.")
+    flash_attn: Literal["auto", "disabled", "sdpa", "eager", "fa2", "fa3"] = option(
+        "auto", "Attention implementation (disabled = eager).")
+    train_from_scratch: bool = option(False, "Initialise the weights randomly from the model's config.")
+    resize_vocab: bool = option(False, "Resize the embeddings to the tokenizer (after adding tokens).")
+    add_special_tokens: list[str] | None = option(None, "Special tokens to add to the tokenizer (comma list).")
+    add_tokens: list[str] | None = option(None, "Ordinary tokens to add to the tokenizer (comma list).")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = option(
+        None, "Stretch RoPE so the model reaches cutoff_len beyond its trained context.")
+    quantization_bit: Literal[4, 8] | None = option(None, "Load the base model in 4 or 8 bits (QLoRA).")
+    quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type.")
+    double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.")
+
+
+@dataclass
+class DataOptions:
+    dataset: list[str] | None = option(None, "Training datasets: names in dataset_info.json (comma list).")
+    eval_dataset: list[str] | None = option(None, "Evaluation datasets: names in dataset_info.json (comma list).")
+    dataset_dir: str = option("data", "Folder holding dataset_info.json and the dataset files.")
+    template: str | None = option(None, "Chat template name; omitted: the tokenizer's own chat template.")
+    cutoff_len: int = option(2048, "Maximum tokens per sample (prompt and response together).", minimum=1)
+    max_samples: int | None = option(None, "Use at most this many samples of each dataset.", minimum=1)
+    val_size: float = option(0.0, "Held-out share (< 1) or count (>= 1) of the training data for evaluation.",
+                             minimum=0)
+    overwrite_cache: bool = option(False, "Tokenize again even when a cached copy exists.")
+    preprocessing_num_workers: int | None = option(None, "Processes used for tokenization.", minimum=1)
+    preprocessing_batch_size: int = option(1000, "Samples per tokenization batch.", minimum=1)
+    train_on_prompt: bool = option(False, "Train on the prompt tokens too (SFT).")
+    mask_history: bool = option(False, "Train only on the last assistant turn (SFT).")
+    default_system: str | None = option(None, "System prompt used when a sample has none.")
+    enable_thinking: bool = option(True, "Let reasoning templates (qwen3, ...) think.")
+
+
+@dataclass
+class MethodOptions:
+    stage: Literal[STAGES] = option("sft", "Training stage.")
+    finetuning_type: Literal[METHODS] = option("lora", "Which weights are trained.")
+    freeze_trainable_layers: int = option(
+        2, "freeze: train the last N layers (or the first N when negative).")
+    freeze_trainable_modules: list[str] = option(
+        ["all"], "freeze: module names inside the trainable layers to train (comma list, or all).")
+    freeze_extra_modules: list[str] | None = option(
+        None, "freeze: modules outside the layers to train as well, e.g. embed_tokens,lm_head.")
+    lora_rank: int = option(8, "LoRA rank r.", minimum=1)
+    lora_alpha: float | None = option(None, "LoRA scaling alpha (default: 2 x lora_rank).", minimum=0,
+                                      exclusive_minimum=True)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.", minimum=0, maximum=1)
+    lora_target: list[str] = option(["all"], "Modules that get LoRA (comma list, or all linear layers).")
+    additional_target: list[str] | None = option(
+        None, "Modules trained in full and saved beside the adapter, e.g. embed_tokens,lm_head.")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
+    create_new_adapter: bool = option(False, "Merge every loaded adapter and train a fresh one on top.")
+    plot_loss: bool = option(False, "Save loss curves as PNG files in output_dir.")
+    disable_gradient_checkpointing: bool | None = option(
+        None, "Default: checkpointing on with a GPU, off on CPU (where it costs about 25% speed).")
+
+
+@dataclass
+class TrainingOptions:
+    output_dir: str | None = option(None, "Where checkpoints, weights, logs and plots are written.")
+    overwrite_output_dir: bool = option(False, "Start over in a non-empty output_dir (its old results are removed).")
+    resume_from_checkpoint: str | None = option(None, "Checkpoint folder to resume from.")
+    do_train: bool = option(False, "Train.")
+    do_eval: bool = option(False, "Evaluate on the evaluation set.")
+    learning_rate: float = option(5e-5, "Peak learning rate.", minimum=0, exclusive_minimum=True)
+    num_train_epochs: float = option(3.0, "Passes over the training data.", minimum=0, exclusive_minimum=True)
+    max_steps: int = option(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
+                               "cosine_with_min_lr", "warmup_stable_decay"] = option("linear", "Learning-rate curve.")
+    warmup_ratio: float = option(0.0, "Share of the steps spent warming up the learning rate.", minimum=0, maximum=1)
+    warmup_steps: int = option(0, "Warm-up steps (wins over warmup_ratio when > 0).", minimum=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping threshold.", minimum=0)
+    optim: str = option("adamw_torch", "Optimizer name as transformers knows it (adamw_torch, sgd, adamw_bnb_8bit...).")
+    per_device_train_batch_size: int = option(8, "Samples per device per forward pass.", minimum=1)
+    per_device_eval_batch_size: int = option(8, "Evaluation samples per device per forward pass.", minimum=1)
+    gradient_accumulation_steps: int = option(1, "Forward passes per optimizer step.", minimum=1)
+    bf16: bool = option(False, "Train in bfloat16 mixed precision.")
+    fp16: bool = option(False, "Train in float16 mixed precision.")
+    logging_steps: float = option(500, "Log every N steps (or this share of the run when < 1).", minimum=0,
+                                  exclusive_minimum=True)
+    save_steps: float = option(500, "Save a checkpoint every N steps (or this share of the run when < 1).",
+                               minimum=0, exclusive_minimum=True)
+    save_strategy: Literal["no", "steps", "epoch", "best"] = option("steps", "When checkpoints are saved.")
+    save_only_model: bool = option(False, "Checkpoints hold only the weights (no optimizer state: cannot resume).")
+    eval_strategy: Literal["no", "steps", "epoch"] = option("no", "When the evaluation set is scored.")
+    eval_steps: float | None = option(None, "Evaluate every N steps (default: logging_steps).", minimum=0,
+                                      exclusive_minimum=True)
+    seed: int = option(42, "Random seed for weights, data order and dropout.")
+    dataloader_num_workers: int = option(0, "Worker processes feeding batches.", minimum=0)
+    ddp_timeout: int = option(1800, "Seconds a distributed process waits for the others.", minimum=1)
+    report_to: list[str] = option(["none"], "Experiment trackers (none, tensorboard, wandb, ...).")
+
+
+@dataclass
+class Config(ModelOptions, DataOptions, MethodOptions, TrainingOptions):
+    """Everything one tunelab run needs. Build it with `tunelab.config.load_config`, which validates it."""
+
+    #: Keys of transformers' TrainingArguments that tunelab forwards without interpreting them.
+    extra_training_args: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        # Defaults that depend on other keys are filled here, so every layer reads one resolved value.
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if self.finetuning_type == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+
+    @property
+    def method(self) -> str:
+        """The adapter method behind finetuning_type: qlora is LoRA on a quantized base."""
+        return "lora" if self.finetuning_type == "qlora" else self.finetuning_type
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method == "lora"
+
+
+def public_fields() -> list:
+    """The config keys users write, in declaration order."""
+    return [f for f in fields(Config) if not f.metadata.get("internal")]
