@@ -48,8 +48,6 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
         _accept(str(key), value, origin, accepted, problems, from_text=False)
     for key, raw in overrides:
         _accept(key, raw, "command line", accepted, problems, from_text=True)
-    if problems:
-        raise ConfigError(_format(problems))
 
     declared = {f.name: f for f in public_fields()}
     kwargs: dict[str, Any] = {}

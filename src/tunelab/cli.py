@@ -1,0 +1,140 @@
+"""The `tunelab` command line.
+
+    tunelab train examples/quickstart.yaml learning_rate=2e-4 --max_steps 10
+    tunelab env
+    tunelab help keys
+
+Start-up stays light (no torch, no transformers) so `--help` and config errors answer at once; each command imports
+what it needs when it runs. A config error exits with status 2 and one message, never a traceback.
+"""
+
+import sys
+from collections.abc import Callable
+
+from tunelab import __version__
+
+USAGE = f"""tunelab {__version__}: fine-tune open-weight LLMs from one YAML file.
+
+usage: tunelab <command> [arguments]
+
+commands:
+  train CONFIG [key=value | --key value ...]
+                   train as CONFIG (.yaml or .json) says; later values override earlier ones
+  env              versions of the stack and the machine's CPU/GPU, for bug reports
+  version          print the version
+  help [keys]      this text, or every config key with its type, default and meaning
+
+Multi-GPU: `tunelab train` starts one process per visible GPU through torchrun;
+set FORCE_TORCHRUN=1 (and NPROC_PER_NODE=N) to do so on CPU as well.
+"""
+
+
+class UsageError(Exception):
+    """The command line itself is malformed."""
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`key=value`, `--key value`, `--key=value` and bare `--flag` (meaning true), in order."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
+                key, value = body, args[i + 1]
+                i += 1
+            else:
+                key, value = body, "true"
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise UsageError(f"cannot read argument {arg!r}: expected key=value or --key value")
+        if not key:
+            raise UsageError(f"argument {arg!r} has no key name")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def cmd_train(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: tunelab train CONFIG [key=value | --key value ...]\n"
+              "Keys and their defaults: `tunelab help keys`. Example: tunelab train examples/quickstart.yaml")
+        return 0
+    from tunelab.config import load_config
+
+    config = load_config(args[0], parse_overrides(args[1:]))
+    from tunelab.training.launch import relaunch_under_torchrun_if_needed
+
+    if relaunch_under_torchrun_if_needed(["train", *args]):
+        return 0
+    from tunelab.training.run import run_training
+
+    run_training(config)
+    return 0
+
+
+def cmd_env(args: list[str]) -> int:
+    from tunelab.env import describe_environment
+
+    print(describe_environment())
+    return 0
+
+
+def cmd_version(args: list[str]) -> int:
+    print(__version__)
+    return 0
+
+
+def cmd_help(args: list[str]) -> int:
+    if args and args[0] == "keys":
+        from tunelab.config.load import describe_keys
+
+        print(describe_keys())
+        return 0
+    if args and args[0] in COMMANDS:
+        return COMMANDS[args[0]](["--help"])
+    print(USAGE)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "env": cmd_env,
+    "version": cmd_version,
+    "help": cmd_help,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        return cmd_version([])
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        print(f"tunelab: unknown command `{argv[0]}`{hint}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from tunelab.config import ConfigError
+
+    try:
+        return command(argv[1:])
+    except (ConfigError, UsageError) as err:
+        print(f"tunelab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

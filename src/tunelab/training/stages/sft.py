@@ -1,0 +1,42 @@
+"""Supervised fine-tuning: next-token loss on the assistant replies of chat-formatted samples.
+
+    tunelab train examples/quickstart.yaml
+
+Flow: training arguments (refuses bad values before anything loads) -> output_dir policy -> tokenizer and chat
+template -> tokenized data -> model with its fine-tuning method -> Trainer -> train, save, evaluate, plot.
+"""
+
+from typing import Any
+
+from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+from tunelab.config import Config
+from tunelab.data import get_template, load_datasets
+from tunelab.model import load_model, load_tokenizer
+from tunelab.training.arguments import build_training_arguments
+from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.output_dir import prepare_output_dir
+from tunelab.training.workflow import train_and_report
+
+
+def run(config: Config, use_template: bool = True) -> dict[str, Any]:
+    args = build_training_arguments(config)
+    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
+    set_seed(config.seed)
+
+    tokenizer = load_tokenizer(config)
+    template = None
+    if use_template:
+        template = get_template(config, tokenizer)
+        # The saved tokenizer then renders prompts exactly as training did, in any serving engine.
+        template.prepare_tokenizer(tokenizer)
+    with args.main_process_first(desc="tokenizing the datasets"):
+        splits = load_datasets(config, tokenizer, template)
+
+    model = load_model(config, tokenizer, trainable=config.do_train)
+    # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100,
+                                      pad_to_multiple_of=None if args.use_cpu else 8)
+    trainer = Trainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                      data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()])
+    return train_and_report(trainer, config, resume_from)

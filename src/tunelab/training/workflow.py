@@ -1,0 +1,44 @@
+"""The steps every Trainer-based stage shares after its model and data are built: train, save, evaluate, report."""
+
+import logging
+import math
+from typing import Any
+
+from transformers import Trainer
+
+from tunelab.config import Config
+from tunelab.training.plotting import plot_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
+                     plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> dict[str, Any]:
+    """Run `do_train` and `do_eval` as configured and write what LLaMA-Factory writes:
+    the weights and tokenizer, trainer_state.json, train/eval/all_results.json and, with `plot_loss`, the curves."""
+    results: dict[str, Any] = {}
+    if config.do_train:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = dict(output.metrics)
+        state = trainer.state
+        tokens = state.num_input_tokens_seen
+        metrics["num_input_tokens_seen"] = tokens
+        # Tokens of this session over its runtime (a resumed run counts only what it trained itself).
+        session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+        metrics["train_tokens_per_second"] = round(session_tokens / max(metrics["train_runtime"], 1e-9), 2)
+        trainer.save_model()
+        trainer.save_state()
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        results.update(metrics)
+        if config.plot_loss and trainer.is_world_process_zero():
+            for path in plot_metrics(config.output_dir, plot_keys):
+                logger.info("Saved %s", path)
+    if trainer.args.do_eval and trainer.eval_dataset is not None:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        if "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    return results
