@@ -4,6 +4,6 @@
 #   bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TUNELAB_EXTRAS=test bash scripts/setup.sh
+TUNELAB_EXTRAS= bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python scripts/quickstart.py examples/quickstart.yaml "$@"

