@@ -33,7 +33,7 @@ def run_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
         "cutoff_len": 128,
         "output_dir": str(output_dir),
         "per_device_train_batch_size": 4,
-        "learning_rate": 5e-3,
+        "learning_rate": 1e-2,
         "max_steps": 24,
         "logging_steps": 2,
         "save_steps": 12,
@@ -102,7 +102,8 @@ def _changed(before: dict, after: dict) -> dict[str, bool]:
 ])
 def test_full_and_freeze_change_exactly_the_trainable_weights(tiny_model_dir, tmp_path, method, extra):
     out = tmp_path / "run"
-    tunelab.train(run_config(tiny_model_dir, out, finetuning_type=method, learning_rate=1e-3, **extra))
+    learning_rate = 1e-3 if method == "full" else 5e-3
+    tunelab.train(run_config(tiny_model_dir, out, finetuning_type=method, learning_rate=learning_rate, **extra))
     assert_learned(losses(out))
     changed = _changed(load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors"))
     assert changed, "no weights compared"
@@ -119,7 +120,7 @@ def test_full_and_freeze_change_exactly_the_trainable_weights(tiny_model_dir, tm
 def test_pretraining_stage_learns(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     tunelab.train(run_config(tiny_model_dir, out, stage="pt", dataset="pretrain_demo", template=None,
-                             finetuning_type="full", learning_rate=1e-3))
+                             finetuning_type="full", learning_rate=3e-3))
     assert_learned(losses(out))
     assert (out / "model.safetensors").exists()
 

@@ -1,0 +1,16 @@
+"""Data layer: dataset_info.json, dataset formats, chat templates, and tokenized train/eval sets.
+
+    from tunelab.data import get_template, load_datasets
+    template = get_template(config, tokenizer)      # a table row (`template: qwen`) or the tokenizer's own
+    template.prepare_tokenizer(tokenizer)           # eos/pad and chat_template, so the saved tokenizer matches
+    splits = load_datasets(config, tokenizer, template)   # splits.train / splits.eval: datasets.Dataset or None
+
+Nothing heavy is imported here: `datasets` and `transformers` load inside the functions that need them.
+"""
+
+from tunelab.data.loader import DatasetSplits, describe_example, load_datasets
+from tunelab.data.registry import DataError, DatasetSpec, resolve_datasets
+from tunelab.data.templates import TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template
+
+__all__ = ["TEMPLATES", "ChatTemplate", "DataError", "DatasetSpec", "DatasetSplits", "Template", "TemplateError",
+           "TokenizerTemplate", "describe_example", "get_template", "load_datasets", "resolve_datasets"]
