@@ -231,8 +231,13 @@ def test_template_errors():
     qwen = _load("qwen2.5-instruct")
     with pytest.raises(TemplateError, match="did you mean 'llama3'"):
         template_for(qwen, "llama-3")
-    with pytest.raises(TemplateError, match="<|start_header_id|>"):
-        template_for(qwen, "llama3")  # Qwen's tokenizer would split Llama's markup into text pieces
+    # Qwen's tokenizer would split Llama's markup into text pieces: the markers are added as special tokens.
+    foreign = fresh("qwen2.5-instruct")
+    size = len(foreign)
+    template_for(foreign, "llama3")
+    for marker in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        assert len(foreign.encode(marker, add_special_tokens=False)) == 1, marker
+    assert len(foreign) > size
     bare = fresh("qwen2.5-instruct")
     bare.chat_template = None
     with pytest.raises(TemplateError, match="set `template:`"):

@@ -5,6 +5,7 @@ Each run is a real Trainer run of a few dozen steps on the shipped demo data (a 
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,84 @@ def test_real_embedded_model_learns_its_new_identity(tmp_path):
     values = losses(out)
     assert values[0] < 6.0, "a real instruct model starts with a sane loss"
     assert sum(values[-2:]) / 2 < 0.7 * values[0], values
+
+
+LF_DATA = REPO.parent / "shared" / "lf_data"
+
+
+@pytest.mark.skipif(not LF_DATA.is_dir(), reason="../shared/lf_data (LLaMA-Factory's demo data) is absent")
+def test_llamafactory_seed_yaml_trains_unchanged(tiny_model_dir, tmp_path):
+    """The user's LLaMA-Factory config, with only the model and the data folder pointed at local files (and a step
+    cap to keep the test short), trains through the CLI and writes LLaMA-Factory's artifacts."""
+    from test_config import SEED_YAML
+
+    out = tmp_path / "saves"
+    text = (SEED_YAML.replace("meta-llama/Meta-Llama-3-8B-Instruct", str(tiny_model_dir))
+            .replace("saves/llama3-8b/lora/sft", str(out))
+            .replace("dataset: identity,alpaca_en_demo", f"dataset: identity,alpaca_en_demo\ndataset_dir: {LF_DATA}"))
+    path = tmp_path / "llama3_lora_sft.yaml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "max_steps=6", "logging_steps=2",
+                             "eval_steps=3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "trainer_log.jsonl", "all_results.json", "train_results.json",
+                 "training_loss.png", "training_eval_loss.png", "checkpoint-6"):
+        assert (out / name).exists(), name
+    assert any("eval_loss" in r for r in read_log(out))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optim": "sgd", "learning_rate": 0.5},
+    {"optim": "adamw_bnb_8bit"},
+    {"bf16": True},
+])
+def test_optimizers_and_mixed_precision_train(tiny_model_dir, tmp_path, overrides):
+    if overrides.get("optim") == "adamw_bnb_8bit":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    tunelab.train(run_config(tiny_model_dir, out, **overrides))
+    assert_learned(losses(out))
+
+
+def test_qlora_trains_on_a_4bit_base(tiny_qwen2_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    tunelab.train(run_config(tiny_qwen2_dir, out, finetuning_type="qlora", val_size=0.2, eval_strategy="steps",
+                             eval_steps=6))
+    assert_learned(losses(out))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+
+
+def test_tensorboard_logs_and_evaluation_without_training(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    tunelab.train(run_config(tiny_model_dir, out, max_steps=4, report_to="tensorboard"))
+    assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
+    evaluation = tmp_path / "eval"
+    metrics = tunelab.train(run_config(tiny_model_dir, evaluation, do_train=False, do_eval=True, val_size=0.25,
+                                       finetuning_type="full"))
+    assert (evaluation / "eval_results.json").exists() and not (evaluation / "train_results.json").exists()
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-6)
+
+
+def test_two_processes_under_torchrun(tiny_model_dir, tmp_path):
+    """The distributed path (DDP over gloo, as on several GPUs over NCCL) trains and writes one set of outputs."""
+    import os
+
+    import yaml
+
+    out = tmp_path / "run"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(run_config(tiny_model_dir, out, max_steps=6, per_device_train_batch_size=2)))
+    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29517",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    # Each optimizer step saw 2 processes x 2 samples.
+    assert state["train_batch_size"] == 2 and (out / "adapter_model.safetensors").exists()
+    loss_steps = [r["current_steps"] for r in read_log(out) if "loss" in r]
+    assert loss_steps == [2, 4, 6], "only rank 0 writes the log"

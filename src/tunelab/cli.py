@@ -67,6 +67,11 @@ def cmd_train(args: list[str]) -> int:
     from tunelab.config import load_config
 
     config = load_config(args[0], parse_overrides(args[1:]))
+    from tunelab.data import resolve_datasets
+
+    # Dataset names and files are checked now, before torch loads, so a typo costs a moment rather than a minute.
+    resolve_datasets(config.dataset, config.dataset_dir)
+    resolve_datasets(config.eval_dataset, config.dataset_dir)
     from tunelab.training.launch import relaunch_under_torchrun_if_needed
 
     if relaunch_under_torchrun_if_needed(["train", *args]):

@@ -141,13 +141,18 @@ def _chat(messages: list[dict[str, str]], system: Any, tools: Any) -> dict[str, 
     return {"messages": messages, "system": system, "tools": _canonical_tools(tools)}
 
 
+def _parsed_json(value: Any, what: str) -> Any:
+    """A JSON string parsed (datasets store tool calls and schemas either way); anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise Invalid(f"{what} is not valid JSON") from None
+
+
 def _canonical_tool_calls(content: Any) -> str:
-    calls = content
-    if isinstance(content, str):
-        try:
-            calls = json.loads(content)
-        except json.JSONDecodeError:
-            raise Invalid("function call is not valid JSON") from None
+    calls = _parsed_json(content, "function call")
     if isinstance(calls, dict):
         calls = [calls]
     if not calls or not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
@@ -159,12 +164,8 @@ def _tool_calls_from_openai(tool_calls: Any) -> list[dict[str, Any]]:
     calls = []
     for call in tool_calls if isinstance(tool_calls, list) else []:
         function = call.get("function", call) if isinstance(call, dict) else {}
-        arguments = function.get("arguments", {})
-        if isinstance(arguments, str):  # the OpenAI API sends arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                raise Invalid("function call is not valid JSON") from None
+        # The OpenAI API sends arguments as a JSON string.
+        arguments = _parsed_json(function.get("arguments", {}), "function call")
         calls.append({"name": function.get("name"), "arguments": arguments})
     return calls
 
@@ -172,11 +173,7 @@ def _tool_calls_from_openai(tool_calls: Any) -> list[dict[str, Any]]:
 def _canonical_tools(tools: Any) -> str | None:
     if tools in (None, "", []):
         return None
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise Invalid("tools are not valid JSON") from None
+    tools = _parsed_json(tools, "tools")
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import ConfigError
+
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 
 #: Keys a dataset entry may hold. Hub and cloud sources are recognised so that they fail with a clear reason.
@@ -41,8 +43,10 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
             ".arrow": "arrow"}
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file or entry and what to change."""
+class DataError(ConfigError):
+    """A dataset that cannot be used; the message names the file or entry and what to change.
+
+    A kind of ConfigError: both are the user's input, refused with a message and exit status 2, never a traceback."""
 
 
 @dataclass(frozen=True)

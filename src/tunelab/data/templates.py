@@ -177,17 +177,24 @@ class ChatTemplate(Template):
         return self.tool_style is not None
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Refuse a tokenizer that would split this template's markup into ordinary text pieces."""
+        """Make sure the tokenizer reads this template's markup as single tokens, adding the ones it lacks.
+
+        A LLaMA-Factory config may pair a template with a model of another family (the llama3 template on a ChatML
+        model, say); it must still run. The missing markers become new special tokens, so the model layer resizes
+        the embeddings and trains them; the warning says what that costs and what fits better.
+        """
         missing = [t for t in (*self.markers, *self.stop_words[:1]) if not _is_one_token(tokenizer, t)]
         if missing:
-            raise TemplateError(
-                f"template {self.name!r} needs {', '.join(missing)} as single tokens, which this tokenizer does not "
-                f"have: pick the template of the model's family, omit `template` to use the tokenizer's own chat "
-                f"template, or add them with `add_special_tokens` and `resize_vocab: true`")
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+            logger.warning(
+                "template %r needs %s as single tokens, which this tokenizer lacks: added them as new special "
+                "tokens, so the embeddings grow and are trained from scratch for them (with LoRA they are saved "
+                "beside the adapter). The template of the model's own family, or omitting `template` to use the "
+                "tokenizer's chat template, trains faster and better.", self.name, ", ".join(missing))
+        # A missing bos renders as nothing (Qwen-family tokenizers have none); a reply must still be able to end.
         formats = (self.prefix, self.system, self.user, self.assistant_header, self.assistant)
-        for special in ("bos_token", "eos_token"):
-            if any("{{" + special + "}}" in f for f in formats) and getattr(tokenizer, special) is None:
-                raise TemplateError(f"template {self.name!r} uses the tokenizer's {special}, which it does not have")
+        if any("{{eos_token}}" in f for f in formats) and tokenizer.eos_token is None:
+            raise TemplateError(f"template {self.name!r} ends replies with the tokenizer's eos_token, which it lacks")
 
     def render_pieces(self, tokenizer: Any, messages: list[dict], system: str | None,
                       tools: str | None) -> list[str]:
