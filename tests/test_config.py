@@ -93,6 +93,7 @@ def test_unknown_override_is_attributed_to_the_command_line():
     ("stage", "rlhf", "expected one of: " + ", ".join(STAGES)),
     ("finetuning_type", "partial", "expected one of: full, freeze, lora, qlora"),
     ("lora_target", 5, "expected a list of strings"),
+    ("interleave_probs", "0.5,half", "expected a list of numbers"),
     ("template", 3, "expected a string"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(key, value, expected):
@@ -158,6 +159,12 @@ RULE_CASES = {
     "`freeze_trainable_layers` must not be 0": {"finetuning_type": "freeze", "freeze_trainable_layers": 0},
     "`lora_target: all` already covers": {"lora_target": "all,q_proj"},
     "`overwrite_output_dir` starts over": {"overwrite_output_dir": True, "resume_from_checkpoint": "ckpt"},
+    "`streaming` needs `max_steps`": {"streaming": True},
+    "`streaming` cannot hold out": {"streaming": True, "max_steps": 10, "val_size": 0.1, "eval_strategy": "steps"},
+    "`neat_packing` is a kind of packing": {"neat_packing": True, "packing": False},
+    "`interleave_probs` needs `mix_strategy": {"dataset": "a,b", "interleave_probs": "0.5,0.5"},
+    "one probability per dataset": {"dataset": "a,b", "mix_strategy": "interleave_under", "interleave_probs": "1.0"},
+    "must add up to 1": {"dataset": "a,b", "mix_strategy": "interleave_under", "interleave_probs": "0.6,0.6"},
 }
 
 

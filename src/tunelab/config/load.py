@@ -19,7 +19,6 @@ from tunelab.config.schema import Config, public_fields
 
 #: LLaMA-Factory keys tunelab knows but does not implement yet: accepted while off, refused when switched on.
 NOT_YET_SUPPORTED = {
-    "packing", "neat_packing", "streaming", "buffer_size", "mix_strategy", "interleave_probs", "tokenized_path",
     "use_unsloth", "enable_liger_kernel", "image_max_pixels", "image_min_pixels", "video_max_pixels",
     "video_min_pixels", "video_fps", "freeze_vision_tower", "freeze_multi_modal_projector", "pref_beta",
     "pref_loss", "pref_ftx", "reward_model", "ppo_epochs", "use_galore", "use_apollo", "use_badam", "pissa_init",
@@ -133,13 +132,15 @@ def coerce(value: Any, annotation: Any, *, from_text: bool = False) -> Any:
         allowed = ", ".join(str(a) for a in args)
         raise ValueError(f"got {value!r}; expected one of: {allowed}")
     if origin is list:
-        if isinstance(value, str):
-            items = [part.strip() for part in value.split(",") if part.strip()]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            items = list(value)
-        else:
-            raise ValueError(f"got {value!r}; expected a list of strings or a comma-separated string")
-        return items
+        (item_type,) = args
+        items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        noun = "strings" if item_type is str else "numbers"
+        if not isinstance(items, list):
+            raise ValueError(f"got {value!r}; expected a list of {noun} or a comma-separated string")
+        try:
+            return [coerce(item, item_type, from_text=isinstance(item, str)) for item in items]
+        except ValueError:
+            raise ValueError(f"got {value!r}; expected a list of {noun} or a comma-separated string") from None
     if annotation is bool:
         if isinstance(value, bool):
             return value

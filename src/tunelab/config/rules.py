@@ -47,6 +47,18 @@ RULES: tuple[Rule, ...] = (
          "`lora_target: all` already covers every linear layer; do not list other modules beside it"),
     Rule(lambda c: c.overwrite_output_dir and c.resume_from_checkpoint is not None,
          "`overwrite_output_dir` starts over and `resume_from_checkpoint` continues: pick one"),
+    Rule(lambda c: c.streaming and c.max_steps <= 0,
+         "`streaming` needs `max_steps`: a streamed dataset has no known length to count epochs by"),
+    Rule(lambda c: c.streaming and c.val_size > 0,
+         "`streaming` cannot hold out `val_size` of an unread stream: use `eval_dataset`"),
+    Rule(lambda c: c.neat_packing and c.packing is False,
+         "`neat_packing` is a kind of packing: it cannot run with `packing: false`"),
+    Rule(lambda c: c.interleave_probs is not None and c.mix_strategy == "concat",
+         "`interleave_probs` needs `mix_strategy: interleave_under` or `interleave_over`"),
+    Rule(lambda c: c.interleave_probs is not None and len(c.interleave_probs) != len(c.dataset or []),
+         "`interleave_probs` needs one probability per dataset in `dataset`"),
+    Rule(lambda c: c.interleave_probs is not None and abs(sum(c.interleave_probs) - 1) > 1e-6,
+         "`interleave_probs` must add up to 1"),
 )
 
 

@@ -66,6 +66,18 @@ class DataOptions:
     mask_history: bool = option(False, "Train only on the last assistant turn (SFT).")
     default_system: str | None = option(None, "System prompt used when a sample has none.")
     enable_thinking: bool = option(True, "Let reasoning templates (qwen3, ...) think.")
+    tool_format: str | None = option(None, "How tools and tool calls are written (default: the template's own).")
+    strict_data: bool = option(False, "Refuse the whole dataset at its first invalid sample instead of skipping it.")
+    packing: bool | None = option(None, "Pack several samples into each cutoff_len row (default: on for pt only).")
+    neat_packing: bool = option(False, "Pack without attention across samples (position ids restart per sample).")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
+        "concat", "How several datasets are mixed: one after another, or interleaved until the shortest/longest ends.")
+    interleave_probs: list[float] | None = option(
+        None, "Sampling probability of each dataset when interleaving (comma list, one per dataset).")
+    streaming: bool = option(False, "Read datasets lazily instead of loading them whole (needs max_steps).")
+    buffer_size: int = option(16384, "Shuffle buffer of a streamed dataset.", minimum=1)
+    tokenized_path: str | None = option(
+        None, "Save the tokenized data here, or load it from here when it exists (then dataset is not read).")
 
 
 @dataclass
