@@ -1,4 +1,6 @@
-"""The data layer: dataset_info.json, formats, invalid samples, masks, truncation, pt chunks, splits, demo data.
+"""The data layer through the loader: files, masks, truncation, pt chunks, splits, demo data.
+
+Formats, validation and dataset_info.json entries are tested in tests/test_data_formats.py.
 
     .venv/bin/python -m pytest tests/test_data.py -q
 
@@ -7,7 +9,6 @@ LLaMA-Factory demo data and the bos-adding Llama tokenizer come from ../shared a
 """
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,8 @@ import pytest
 
 from tunelab.config import load_config
 from tunelab.data import DataError, get_template, load_datasets, resolve_datasets
-from tunelab.data.formats import convert_batch
 from tunelab.data.loader import describe_example
 from tunelab.data.processing import IGNORE_INDEX, chunk_documents, fit_turn, sft_example
-from tunelab.data.registry import DatasetSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,134 +50,13 @@ def write_data(folder: Path, info: dict, files: dict[str, object]) -> Path:
     return folder
 
 
-def convert(rows: list[dict], formatting: str = ALPACA, stage: str = "sft", **entry) -> list[dict]:
-    spec = DatasetSpec(name="t", info_path=Path("dataset_info.json"), formatting=formatting, path=Path("t.json"),
-                       columns=entry.get("columns", {}), tags=entry.get("tags", {}))
-    batch = {key: [row.get(key) for row in rows] for key in {k for row in rows for k in row}}
-    out = convert_batch(batch, spec=spec, stage=stage)
-    return [dict(zip(out, values)) for values in zip(*out.values())]
-
-
 def load(tmp_path, tok, **keys):
     config = make_config(tmp_path, **keys)
     template = get_template(config, tok) if config.stage == "sft" else None
     return load_datasets(config, tok, template)
 
 
-# ---------------------------------------------------------------- formats
-
-
-def test_alpaca_joins_instruction_and_input_and_reads_history_and_system():
-    rows = convert([
-        {"instruction": "Translate.", "input": "Hallo", "output": "Hello", "system": "Be exact.",
-         "history": [["Hi", "Hey"]]},
-        {"instruction": "Say hi.", "input": "", "output": "Hi"},
-    ], columns={"system": "system", "history": "history"})
-    assert rows[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"},
-                                   {"role": "user", "content": "Translate.\nHallo"},
-                                   {"role": "assistant", "content": "Hello"}]
-    assert rows[0]["system"] == "Be exact." and rows[0]["_rule"] == ""
-    assert rows[1]["messages"][0]["content"] == "Say hi." and rows[1]["system"] is None
-    # Undeclared optional columns are not read (LLaMA-Factory's rule).
-    assert convert([{"instruction": "a", "output": "b", "system": "s"}])[0]["system"] is None
-
-
-def test_sharegpt_roles_system_and_tools():
-    tools = [{"name": "add", "description": "sum", "parameters": {"type": "object", "properties": {}}}]
-    (row,) = convert([{"conversations": [
-        {"from": "system", "value": "You add."},
-        {"from": "human", "value": "2+3?"},
-        {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 3}}'},
-        {"from": "observation", "value": "5"},
-        {"from": "gpt", "value": "5."}], "tools": json.dumps(tools)}],
-        "sharegpt", columns={"messages": "conversations", "tools": "tools"})
-    assert row["system"] == "You add."
-    assert [m["role"] for m in row["messages"]] == ["user", "tool_call", "tool", "assistant"]
-    assert json.loads(row["messages"][1]["content"]) == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
-    assert json.loads(row["tools"]) == [{"type": "function", "function": tools[0]}]
-    (custom,) = convert([{"chat": [{"who": "me", "text": "q"}, {"who": "bot", "text": "a"}]}], "sharegpt",
-                        columns={"messages": "chat"},
-                        tags={"role_tag": "who", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"})
-    assert custom["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-
-
-def test_openai_messages_and_tool_calls():
-    (row,) = convert([{"messages": [
-        {"role": "system", "content": "sys"}, {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}]},
-        {"role": "tool", "content": "cold"}, {"role": "assistant", "content": "It is cold."}]}], "openai")
-    assert row["system"] == "sys"
-    assert [m["role"] for m in row["messages"]] == ["user", "tool_call", "tool", "assistant"]
-    assert json.loads(row["messages"][1]["content"]) == [{"name": "w", "arguments": {"city": "Oslo"}}]
-
-
-def test_pretrain_text_column():
-    assert convert([{"text": "A document."}], stage="pt")[0] == {"text": "A document.", "_rule": ""}
-    assert convert([{"body": "B"}], stage="pt", columns={"prompt": "body"})[0]["text"] == "B"
-
-
-@pytest.mark.parametrize(("rows", "formatting", "rule"), [
-    ([{"instruction": "q", "output": ""}], ALPACA, "empty response"),
-    ([{"instruction": "q"}], ALPACA, "missing column 'output'"),
-    ([{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}], "sharegpt",
-     "roles not alternating user/assistant"),
-    ([{"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]}], "sharegpt",
-     "roles not alternating user/assistant"),
-    ([{"conversations": [{"from": "human", "value": "q"}]}], "sharegpt",
-     "conversation does not end with an assistant reply"),
-    ([{"conversations": [{"from": "alien", "value": "q"}]}], "sharegpt", "unknown role 'alien'"),
-    ([{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{oops"}]}],
-     "sharegpt", "function call is not valid JSON"),
-])
-def test_invalid_rows_name_their_rule(rows, formatting, rule):
-    assert convert(rows, formatting)[0]["_rule"] == rule
-
-
-def test_invalid_samples_are_skipped_with_counts(tmp_path, tok, caplog):
-    rows = [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": ""},
-            {"instruction": "q3", "output": "a3"}, {"instruction": "q4", "output": "  "}]
-    folder = write_data(tmp_path / "d", {"mixed": {"file_name": "mixed.json"}}, {"mixed.json": rows})
-    with caplog.at_level(logging.WARNING, logger="tunelab.data"):
-        splits = load(tmp_path, tok, dataset="mixed", dataset_dir=str(folder))
-    assert len(splits.train) == 2
-    assert "skipped 2 of 4 samples: empty response: 2 (first: " in caplog.text
-    assert f"{folder / 'mixed.json'} row 1)" in caplog.text
-
-
-def test_all_invalid_raises_naming_the_rules(tmp_path, tok):
-    rows = [{"conversations": [{"from": "gpt", "value": "a"}]}, {"conversations": [{"from": "human", "value": "q"},
-                                                                                  {"from": "gpt", "value": ""}]}]
-    folder = write_data(tmp_path / "d", {"bad": {"file_name": "bad.json", "formatting": "sharegpt"}},
-                        {"bad.json": rows})
-    with pytest.raises(DataError, match=r"none of its 2 samples.*roles not alternating user/assistant: 1 "
-                                        r"\(first: .*row 0\); empty response: 1"):
-        load(tmp_path, tok, dataset="bad", dataset_dir=str(folder))
-
-
-# ---------------------------------------------------------------- registry and files
-
-
-def test_unknown_dataset_gets_did_you_mean():
-    with pytest.raises(DataError, match=r"dataset_info.json: no dataset named 'identiy'; did you mean 'identity'"):
-        resolve_datasets(["identiy"], REPO / "data")
-
-
-def test_entry_problems_are_named(tmp_path):
-    folder = write_data(tmp_path, {"a": {"file_name": "missing.json"}, "b": {"file_name": "b.json", "formating": 1},
-                                   "c": {"file_name": "b.json", "columns": {"images": "images"}},
-                                   "d": {"script_url": "x"}}, {"b.json": []})
-    with pytest.raises(DataError, match=f"file not found: {folder / 'missing.json'}"):
-        resolve_datasets(["a"], folder)
-    with pytest.raises(DataError, match="unknown key `formating` \\(did you mean `formatting`\\?\\)"):
-        resolve_datasets(["b"], folder)
-    with pytest.raises(DataError, match="multimodal"):
-        resolve_datasets(["c"], folder)
-    with pytest.raises(DataError, match="loading scripts are not supported"):
-        resolve_datasets(["d"], folder)
-    (tmp_path / "dataset_info.json").write_text('{\n  "a": {"file_name": "x.json",}\n}')
-    with pytest.raises(DataError, match=r"dataset_info.json:2:31: invalid JSON"):
-        resolve_datasets(["a"], tmp_path)
+# ---------------------------------------------------------------- files
 
 
 def test_bad_json_names_file_line_and_column(tmp_path, tok):

@@ -20,6 +20,9 @@ usage: tunelab <command> [arguments]
 commands:
   train CONFIG [key=value | --key value ...]
                    train as CONFIG (.yaml or .json) says; later values override earlier ones
+  data preview CONFIG [-n N] [key=value ...]
+                   show N tokenized samples with their trained tokens highlighted, and statistics
+                   per dataset (kept and skipped samples, lengths, truncation), without loading weights
   env              versions of the stack and the machine's CPU/GPU, for bug reports
   version          print the version
   help [keys]      this text, or every config key with its type, default and meaning
@@ -70,8 +73,8 @@ def cmd_train(args: list[str]) -> int:
     from tunelab.data import resolve_datasets
 
     # Dataset names and files are checked now, before torch loads, so a typo costs a moment rather than a minute.
-    resolve_datasets(config.dataset, config.dataset_dir)
-    resolve_datasets(config.eval_dataset, config.dataset_dir)
+    resolve_datasets(config.dataset, config.dataset_dir, config.stage)
+    resolve_datasets(config.eval_dataset, config.dataset_dir, config.stage)
     from tunelab.training.launch import relaunch_under_torchrun_if_needed
 
     if relaunch_under_torchrun_if_needed(["train", *args]):
@@ -79,6 +82,38 @@ def cmd_train(args: list[str]) -> int:
     from tunelab.training.run import run_training
 
     run_training(config)
+    return 0
+
+
+def cmd_data(args: list[str]) -> int:
+    usage = "usage: tunelab data preview CONFIG [-n N] [key=value | --key value ...]"
+    if {"-h", "--help"} & set(args[:2]):
+        print(usage)
+        return 0
+    if len(args) < 2 or args[0] != "preview":
+        raise UsageError(usage)
+    rest, samples = args[2:], 3
+    for flag in ("-n", "--samples"):
+        if flag in rest:
+            at = rest.index(flag)
+            if at + 1 >= len(rest) or not rest[at + 1].isdigit():
+                raise UsageError(f"{flag} needs a number of samples")
+            samples = int(rest[at + 1])
+            rest = rest[:at] + rest[at + 2:]
+    from tunelab.config import load_config
+
+    config = load_config(args[1], parse_overrides(rest))
+    from tunelab.data import get_template, preview
+    from tunelab.model import load_tokenizer
+    from tunelab.training.run import setup_logging
+
+    setup_logging()
+    tokenizer = load_tokenizer(config)
+    template = None
+    if config.stage != "pt":
+        template = get_template(config, tokenizer)
+        template.prepare_tokenizer(tokenizer)
+    print(preview(config, tokenizer, template, samples))
     return 0
 
 
@@ -108,6 +143,7 @@ def cmd_help(args: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
+    "data": cmd_data,
     "env": cmd_env,
     "version": cmd_version,
     "help": cmd_help,

@@ -54,7 +54,8 @@ class DataOptions:
     dataset: list[str] | None = option(None, "Training datasets: names in dataset_info.json (comma list).")
     eval_dataset: list[str] | None = option(None, "Evaluation datasets: names in dataset_info.json (comma list).")
     dataset_dir: str = option("data", "Folder holding dataset_info.json and the dataset files.")
-    template: str | None = option(None, "Chat template name; omitted: the tokenizer's own chat template.")
+    template: str | None = option(
+        None, "Chat template: a name (llama3, qwen, ...), a .yaml or .jinja file; omitted: the tokenizer's own.")
     cutoff_len: int = option(2048, "Maximum tokens per sample (prompt and response together).", minimum=1)
     max_samples: int | None = option(None, "Use at most this many samples of each dataset.", minimum=1)
     val_size: float = option(0.0, "Held-out share (< 1) or count (>= 1) of the training data for evaluation.",
@@ -66,7 +67,8 @@ class DataOptions:
     mask_history: bool = option(False, "Train only on the last assistant turn (SFT).")
     default_system: str | None = option(None, "System prompt used when a sample has none.")
     enable_thinking: bool = option(True, "Let reasoning templates (qwen3, ...) think.")
-    tool_format: str | None = option(None, "How tools and tool calls are written (default: the template's own).")
+    tool_format: str | None = option(
+        None, "How tools and tool calls are written: qwen, llama3, glm4 or mistral (default: the template's own).")
     strict_data: bool = option(False, "Refuse the whole dataset at its first invalid sample instead of skipping it.")
     packing: bool | None = option(None, "Pack several samples into each cutoff_len row (default: on for pt only).")
     neat_packing: bool = option(False, "Pack without attention across samples (position ids restart per sample).")

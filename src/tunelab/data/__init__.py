@@ -3,14 +3,18 @@
     from tunelab.data import get_template, load_datasets
     template = get_template(config, tokenizer)      # a table row (`template: qwen`) or the tokenizer's own
     template.prepare_tokenizer(tokenizer)           # eos/pad and chat_template, so the saved tokenizer matches
-    splits = load_datasets(config, tokenizer, template)   # splits.train / splits.eval: datasets.Dataset or None
+    splits = load_datasets(config, tokenizer, template)   # splits.train / splits.eval, splits.reports
+    print(preview(config, tokenizer, template, n=3))      # `tunelab data preview`: rows and statistics
 
 Nothing heavy is imported here: `datasets` and `transformers` load inside the functions that need them.
 """
 
-from tunelab.data.loader import DatasetSplits, describe_example, load_datasets
+from tunelab.data.collator import DataCollator
+from tunelab.data.loader import DatasetSplits, LoadReport, TokenStats, describe_example, load_datasets
+from tunelab.data.preview import preview
 from tunelab.data.registry import DataError, DatasetSpec, resolve_datasets
 from tunelab.data.templates import TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template
 
-__all__ = ["TEMPLATES", "ChatTemplate", "DataError", "DatasetSpec", "DatasetSplits", "Template", "TemplateError",
-           "TokenizerTemplate", "describe_example", "get_template", "load_datasets", "resolve_datasets"]
+__all__ = ["TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DatasetSpec", "DatasetSplits", "LoadReport",
+           "Template", "TemplateError", "TokenStats", "TokenizerTemplate", "describe_example", "get_template",
+           "load_datasets", "preview", "resolve_datasets"]

@@ -1,145 +1,355 @@
-"""Build the training and evaluation sets a run asks for.
+"""Build the tokenized training and evaluation sets a run asks for.
 
     splits = load_datasets(config, tokenizer, template)   # call template.prepare_tokenizer(tokenizer) first
+    splits.train, splits.eval     # datasets.Dataset (IterableDataset when streaming), or None
+    splits.reports                # a LoadReport per dataset: samples kept and skipped by rule, token statistics
 
-Per dataset name: look it up in dataset_info.json, read its files with `datasets` (json, csv, parquet, text and
-arrow builders) or the hub, take `num_samples` / `max_samples`, convert the rows to the internal form (refusing
-invalid ones with a count per rule), then concatenate the datasets, hold out `val_size` with `config.seed`, and
-tokenize with `datasets.map` (`preprocessing_num_workers` processes). `datasets` and numpy are imported here, inside
-the functions, so importing `tunelab.data` stays cheap.
+Per dataset: read its files (or hub repository), take `num_samples` / `max_samples`, convert the rows to the internal
+form (formats.py), drop the invalid ones with a count per rule (or refuse the dataset with `strict_data`), tokenize
+with the processor of the data kind (processing.py) and measure the result. Then per split: mix the training
+datasets (`mix_strategy`; evaluation datasets are concatenated, so each is evaluated whole and once), hold out
+`val_size`, and pack (`packing`, `neat_packing`). Tokenizing each dataset before mixing gives the statistics per
+dataset and holds out the same rows as splitting first would (the split depends only on the row count and the seed).
+
+The result is cached (cache.py) under a key over everything that changes the tokens: a run with the same data,
+tokenizer, template and keys reads it back instead of tokenizing, and says so in the log. `tokenized_path` names a
+folder of the user's instead: read when it exists (then `dataset` is not read at all), written otherwise.
+`streaming` builds lazy `IterableDataset`s: nothing is cached and invalid samples are skipped without counts.
+
+`datasets` is imported inside the functions, so importing `tunelab.data` stays light.
 """
 
-import json
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import check_not_empty, convert_batch, features, invalid_report
-from tunelab.data.processing import IGNORE_INDEX, PROCESSORS
-from tunelab.data.registry import BUILDERS, DataError, DatasetSpec, resolve_datasets
+from tunelab.data.cache import cache_folder, cache_key, load_saved, save_splits
+from tunelab.data.formats import convert_batch, features
+from tunelab.data.packing import pack_rows
+from tunelab.data.processing import IGNORE_INDEX, PROCESSORS, TRUNCATED_COLUMN, data_kind
+from tunelab.data.registry import DataError, DatasetSpec, read_hub_dataset, resolve_datasets
+from tunelab.data.validation import DatasetReport, RuleCount, check_dataset, find_json_error
 
 logger = logging.getLogger(__name__)
+
+#: mix_strategy -> the stopping strategy of `datasets.interleave_datasets` ("concat" concatenates instead).
+INTERLEAVE_STOPPING = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted"}
+
+#: data kind -> how `packing` applies to it: "rows" packs the tokenized rows (packing.py); "chunks" means its
+#: processor always concatenates and chunks (pt). Kinds not listed cannot be packed.
+PACKING = {"sft": "rows", "pt": "chunks"}
+
+#: data kind -> the token sequences of one row: (title, ids column, labels column aligned with the ids, or None where
+#: nothing in it is trained). The statistics measure the first; previews show them all. Kind prompt keeps the
+#: reference reply in `labels`, not aligned with its inputs.
+SEQUENCES = {
+    "pt": [("", "input_ids", "labels")],
+    "sft": [("", "input_ids", "labels")],
+    "pairwise": [("chosen", "chosen_input_ids", "chosen_labels"),
+                 ("rejected", "rejected_input_ids", "rejected_labels")],
+    "kto": [("", "input_ids", "labels"), ("KL pair", "kl_input_ids", "kl_labels")],
+    "prompt": [("prompt", "input_ids", None), ("reference reply", "labels", None)],
+}
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class TokenStats:
+    """Tokens of one tokenized dataset, before packing."""
+
+    rows: int
+    tokens: int
+    trained: int | None          # tokens with a label; None where labels are not aligned with the inputs
+    truncated: int | None        # rows cut by cutoff_len; None when the rows carry no truncation flag
+    lengths: dict[str, int]      # p50, p90, p99 (nearest rank) and max of the row lengths
+
+
+@dataclass
+class LoadReport:
+    """What loading made of one dataset: what validation kept and skipped, and the tokens of what it kept."""
+
+    split: str                   # "train" or "eval"
+    validation: DatasetReport    # samples kept, and skipped per rule with the first offending sample
+    tokens: TokenStats
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LoadReport":
+        """The report back from `dataclasses.asdict` (as the cache stores it)."""
+        validation = dict(data["validation"])
+        validation["skipped"] = {rule: RuleCount(**count) for rule, count in validation["skipped"].items()}
+        return cls(data["split"], DatasetReport(**validation), TokenStats(**data["tokens"]))
 
 
 @dataclass
 class DatasetSplits:
-    """Tokenized sets: columns input_ids, attention_mask, labels. `eval` is None without val_size/eval_dataset."""
+    """Tokenized sets (columns as the data kind's processor makes them) and a report per dataset."""
 
     train: Any = None
     eval: Any = None
+    reports: list[LoadReport] = field(default_factory=list)
 
 
-def load_datasets(config: Any, tokenizer: Any, template: Any = None) -> DatasetSplits:
-    """Load, convert, split and tokenize `config.dataset` and `config.eval_dataset` (template: stage sft only)."""
-    if config.stage not in PROCESSORS:
-        raise DataError(f"stage {config.stage!r} has no data processing; expected one of {', '.join(PROCESSORS)}")
-    if config.stage == "sft" and template is None:
-        raise DataError("stage sft needs a chat template: build one with tunelab.data.get_template")
-    train = _load_group(config.dataset, config)
-    evaluation = _load_group(config.eval_dataset, config)
-    if train is not None and config.val_size > 0:
-        train, evaluation = _hold_out(train, config)
-    splits = DatasetSplits(_tokenize(train, "train", config, tokenizer, template),
-                           _tokenize(evaluation, "eval", config, tokenizer, template))
-    if splits.train is not None and len(splits.train):
-        logger.info("train example (trained tokens between ⟦ ⟧):\n%s", describe_example(splits.train[0], tokenizer))
+def load_datasets(config: Any, tokenizer: Any, template: Any = None, kind: str | None = None) -> DatasetSplits:
+    """Load, check, tokenize, mix, split and pack `config.dataset` and `config.eval_dataset`, through the cache.
+
+    `kind` (a key of `processing.PROCESSORS`) defaults to the one of `config.stage`; every kind but pt needs
+    `template`.
+    """
+    kind = kind or data_kind(config.stage)
+    if kind != "pt" and template is None:
+        raise DataError(f"stage {config.stage} (data kind {kind}) needs a chat template: build one with "
+                        f"tunelab.data.get_template")
+    packing = resolve_packing(config, kind)
+    tokenized_path = Path(config.tokenized_path) if config.tokenized_path else None
+    if tokenized_path is not None and tokenized_path.exists():
+        return _read_tokenized_path(tokenized_path, config, kind)
+    specs = {"train": resolve_datasets(config.dataset, config.dataset_dir, config.stage),
+             "eval": resolve_datasets(config.eval_dataset, config.dataset_dir, config.stage)}
+    if config.streaming:
+        if tokenized_path is not None:
+            raise DataError(f"`tokenized_path: {tokenized_path}` does not exist yet, and a stream cannot be saved "
+                            f"there: turn `streaming` off for the run that writes it")
+        return _stream(specs, config, tokenizer, template, kind, packing)
+    if tokenized_path is not None:
+        splits = _build(specs, config, tokenizer, template, kind, packing)
+        save_splits(tokenized_path, splits.train, splits.eval, _meta(kind, splits.reports))
+        logger.info("saved the tokenized data to tokenized_path %s: runs with this tokenized_path read it from there",
+                    tokenized_path)
+    else:
+        splits = _cached_build(specs, config, tokenizer, template, kind, packing)
+    _log_sets(splits, config, kind, packing, tokenizer)
     return splits
 
 
-def describe_example(row: dict[str, list[int]], tokenizer: Any) -> str:
-    """Decode a tokenized sample, wrapping the trained runs of tokens (labels != -100) in ⟦ ⟧."""
+def _log_sets(splits: DatasetSplits, config: Any, kind: str, packing: bool, tokenizer: Any) -> None:
+    """The size of each set, and the first training row with its trained tokens marked."""
+    unit = "packed rows" if packing else "chunks" if kind == "pt" else "samples"
+    for split, data in (("train", splits.train), ("eval", splits.eval)):
+        if data is not None:
+            logger.info("%s set: %d %s of at most %d tokens", split, len(data), unit, config.cutoff_len)
+    if splits.train is not None and len(splits.train) and SEQUENCES[kind][0] == ("", "input_ids", "labels"):
+        logger.info("train example (trained tokens between ⟦ ⟧):\n%s", describe_example(splits.train[0], tokenizer))
+
+
+def resolve_packing(config: Any, kind: str) -> bool:
+    """Whether tokenized rows are packed (`pack_rows`): `packing`, on by itself with `neat_packing`; off by default."""
+    how = PACKING.get(kind)
+    wanted = bool(config.packing or config.neat_packing)
+    if how == "chunks":
+        if config.neat_packing:
+            raise DataError(f"`neat_packing` packs separate samples; stage {config.stage} concatenates its "
+                            f"documents into cutoff_len chunks instead")
+        if config.packing is False:
+            logger.warning("`packing: false` does not apply to stage %s: its documents are always concatenated "
+                           "and cut into cutoff_len chunks", config.stage)
+        return False
+    if how is None and wanted:
+        raise DataError(f"`packing` and `neat_packing` apply to stage sft; the samples of stage {config.stage} "
+                        f"(data kind {kind}) cannot be packed")
+    return wanted
+
+
+def describe_example(row: dict[str, list[int]], tokenizer: Any, marks: tuple[str, str] = ("⟦", "⟧"),
+                     ids_column: str = "input_ids", labels_column: str | None = "labels") -> str:
+    """Decode a tokenized sample, wrapping each run of trained tokens (labels != -100) in `marks`.
+
+    With `labels_column` None (a sequence nothing in is trained) the ids are decoded as they are.
+    """
+    labels = row[labels_column] if labels_column is not None else [IGNORE_INDEX] * len(row[ids_column])
     runs: list[tuple[bool, list[int]]] = []
-    for token, label in zip(row["input_ids"], row["labels"]):
+    for token, label in zip(row[ids_column], labels):
         trained = label != IGNORE_INDEX
         if runs and runs[-1][0] == trained:
             runs[-1][1].append(token)
         else:
             runs.append((trained, [token]))
+    opening, closing = marks
     text = ""
     for trained, ids in runs:
         piece = tokenizer.decode(ids, skip_special_tokens=False)
-        text += f"⟦{piece}⟧" if trained else piece
+        text += f"{opening}{piece}{closing}" if trained else piece
     return text
 
 
-def _load_group(names: list[str] | None, config: Any) -> Any:
-    """The named datasets, each loaded, sampled and converted, concatenated in order (None without names)."""
-    if not names:
-        return None
-    from datasets import concatenate_datasets
-
-    parts = [_load_one(spec, config) for spec in resolve_datasets(names, config.dataset_dir)]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+# ---------------------------------------------------------------- cache and tokenized_path
 
 
-def _load_one(spec: DatasetSpec, config: Any) -> Any:
-    raw = _read(spec, config)
-    raw, rows = _sample(raw, spec, config)
-    converted = raw.map(
-        convert_batch, batched=True, batch_size=config.preprocessing_batch_size, num_proc=_workers(config, raw),
-        remove_columns=raw.column_names, features=features(config.stage), fn_kwargs={"spec": spec,
-                                                                                     "stage": config.stage},
-        load_from_cache_file=not config.overwrite_cache, desc=f"converting {spec.name}")
+def _cached_build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
+                  packing: bool) -> DatasetSplits:
+    key = cache_key(config, kind=kind, packing=packing, specs=specs, tokenizer=tokenizer, template=template)
+    folder = cache_folder(config, key)
+    saved = None if config.overwrite_cache else load_saved(folder)
+    if saved is not None:
+        logger.info("loaded tokenized data from cache %s", folder)
+        return DatasetSplits(saved.train, saved.eval, _reports(saved.meta))
+    splits = _build(specs, config, tokenizer, template, kind, packing)
+    save_splits(folder, splits.train, splits.eval, _meta(kind, splits.reports), key)
+    logger.info("saved the tokenized data to cache %s", folder)
+    return splits
+
+
+def _read_tokenized_path(folder: Path, config: Any, kind: str) -> DatasetSplits:
+    saved = load_saved(folder)
+    if saved is None:
+        raise DataError(f"`tokenized_path: {folder}` exists but holds no saved dataset (a folder written through "
+                        f"`tokenized_path` by tunelab or LLaMA-Factory); remove it to tokenize into it")
+    made_for = saved.meta.get("kind")
+    if made_for is not None and made_for != kind:
+        raise DataError(f"`tokenized_path: {folder}` holds data of kind {made_for}, but stage {config.stage} trains "
+                        f"on kind {kind}")
+    logger.info("loaded tokenized data from tokenized_path %s; `dataset`, `eval_dataset` and the keys that shape "
+                "tokens are not read", folder)
+    splits = DatasetSplits(saved.train, saved.eval, _reports(saved.meta))
+    if config.streaming and splits.train is not None:
+        splits.train = _shuffled_stream(splits.train.to_iterable_dataset(), config)
+    return splits
+
+
+def _meta(kind: str, reports: list[LoadReport]) -> dict[str, Any]:
+    return {"kind": kind, "reports": [asdict(report) for report in reports]}
+
+
+def _reports(meta: dict[str, Any]) -> list[LoadReport]:
+    return [LoadReport.from_json(report) for report in meta.get("reports", [])]
+
+
+# ---------------------------------------------------------------- building the sets
+
+
+def _build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
+           packing: bool) -> DatasetSplits:
+    reports: list[LoadReport] = []
+    sets: dict[str, Any] = {}
+    for split, group in specs.items():
+        parts = []
+        for spec in group:
+            tokenized, report = _prepare(spec, split, config, tokenizer, template, kind)
+            parts.append(tokenized)
+            reports.append(report)
+        sets[split] = _mix(parts, config if split == "train" else None)
+    train, evaluation = sets["train"], sets["eval"]
+    if train is not None and config.val_size > 0:
+        train, evaluation = _hold_out(train, config)
+    if packing:
+        train, evaluation = _pack(train, config), _pack(evaluation, config)
+    return DatasetSplits(train, evaluation, reports)
+
+
+def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, template: Any,
+             kind: str) -> tuple[Any, LoadReport]:
+    """One dataset read, sampled, converted, checked, tokenized and measured."""
+    raw, rows = _sample(_read(spec, config), spec, config)
+    converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
+                        remove_columns=raw.column_names, features=features(config.stage),
+                        fn_kwargs={"spec": spec, "stage": config.stage},
+                        **_map_options(config, raw, f"converting {spec.name}"))
     rules = list(converted["_rule"])
-    check_not_empty(spec, rules, config.stage, rows)
-    refused, detail = invalid_report(spec, rules, rows)
-    if refused:
-        logger.warning("dataset %r: skipped %d of %d samples: %s", spec.name, refused, len(rules), detail)
+    # Raises when nothing survives, or at the first invalid sample with strict_data.
+    validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows)
+    if validation.skipped:
+        logger.warning("dataset %r: %s", spec.name, validation.summary())
         converted = converted.select([i for i, rule in enumerate(rules) if not rule])
-    logger.info("dataset %r: %d samples (%s)", spec.name, len(converted), spec.where)
-    return converted.remove_columns("_rule")
+    converted = converted.remove_columns("_rule")
+    tokenized = converted.map(PROCESSORS[kind], batched=True, batch_size=config.preprocessing_batch_size,
+                              remove_columns=converted.column_names,
+                              fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
+                              **_map_options(config, converted, f"tokenizing {spec.name}"))
+    tokens = measure(tokenized, kind)
+    logger.info("dataset %r (%s): %d of %d samples kept, %s", spec.name, spec.where, validation.kept,
+                validation.total, describe_tokens(tokens))
+    internal = [column for column in tokenized.column_names if column.startswith("_")]
+    return tokenized.remove_columns(internal), LoadReport(split, validation, tokens)
 
 
-def _read(spec: DatasetSpec, config: Any) -> Any:
-    """The raw rows of one dataset as a `datasets.Dataset`."""
+def measure(tokenized: Any, kind: str) -> TokenStats:
+    """Row lengths, trained tokens and truncated rows of a tokenized `datasets.Dataset`, counted in Arrow."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    _, ids_column, labels_column = SEQUENCES[kind][0]
+    table = tokenized.with_format("arrow")
+    lengths = pc.list_value_length(table[ids_column])
+    trained = None
+    if labels_column is not None:
+        trained = int(pc.sum(pc.not_equal(pc.list_flatten(table[labels_column]), IGNORE_INDEX)).as_py() or 0)
+    truncated = None
+    if TRUNCATED_COLUMN in tokenized.column_names:
+        truncated = int(pc.sum(pc.cast(table[TRUNCATED_COLUMN], "int64")).as_py() or 0)
+    values = lengths.to_numpy()
+    marks = np.percentile(values, PERCENTILES, method="inverted_cdf") if len(values) else [0] * len(PERCENTILES)
+    summary = {f"p{p}": int(mark) for p, mark in zip(PERCENTILES, marks)}
+    return TokenStats(rows=len(values), tokens=int(values.sum()), trained=trained, truncated=truncated,
+                      lengths={**summary, "max": int(values.max()) if len(values) else 0})
+
+
+def describe_tokens(stats: TokenStats) -> str:
+    """One line: rows, tokens, trained share, length percentiles, truncation."""
+    parts = [f"{stats.rows} rows, {stats.tokens} tokens"]
+    if stats.trained is not None:
+        parts.append(f"{stats.trained / max(stats.tokens, 1):.1%} trained")
+    parts.append("length " + " ".join(f"{name} {value}" for name, value in stats.lengths.items()))
+    if stats.truncated is not None:
+        parts.append(f"{stats.truncated} truncated by cutoff_len")
+    return ", ".join(parts)
+
+
+def _mix(parts: list[Any], config: Any | None) -> Any:
+    """Several datasets as one: by `config.mix_strategy`, or concatenated when `config` is None (evaluation)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    from datasets import concatenate_datasets, interleave_datasets
+
+    if config is None or config.mix_strategy == "concat":
+        return concatenate_datasets(parts)
+    return interleave_datasets(parts, probabilities=config.interleave_probs, seed=config.seed,
+                               stopping_strategy=INTERLEAVE_STOPPING[config.mix_strategy])
+
+
+def _pack(data: Any, config: Any) -> Any:
+    if data is None:
+        return None
+    return data.map(pack_rows, batched=True, batch_size=config.preprocessing_batch_size,
+                    remove_columns=_columns(data),
+                    fn_kwargs={"cutoff_len": config.cutoff_len, "neat": config.neat_packing},
+                    **_map_options(config, data, "packing"))
+
+
+def _map_options(config: Any, data: Any, desc: str) -> dict[str, Any]:
+    """Workers of a `datasets.map` over a map-style dataset (an IterableDataset takes none).
+
+    The map never reads the cache files of `datasets`: their fingerprint pickles the template's class by reference,
+    so a changed template would read stale tokens. tunelab's own key covers the source of the whole data layer.
+    """
+    from datasets import IterableDataset
+
+    if isinstance(data, IterableDataset):
+        return {}
+    return {"num_proc": _workers(config, data), "load_from_cache_file": False, "desc": desc}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read(spec: DatasetSpec, config: Any, streaming: bool = False) -> Any:
+    """The raw rows of one dataset: a `datasets.Dataset` (an `IterableDataset` when streaming)."""
     from datasets import load_dataset
 
     if spec.hub_url is not None:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
-            raise DataError(f"dataset {spec.name!r} is on the Hugging Face hub ({spec.hub_url}), which is not "
-                            f"reachable: HF_HUB_OFFLINE is set. Download it and point `file_name` at the files, or "
-                            f"unset HF_HUB_OFFLINE on a machine with network access")
-        try:
-            return load_dataset(spec.hub_url, name=spec.subset, data_dir=spec.folder, split=spec.split,
-                                cache_dir=config.cache_dir, token=config.hf_hub_token)
-        except Exception as err:  # connection errors come in many types (OSError, requests, huggingface_hub)
-            raise DataError(f"dataset {spec.name!r}: could not load {spec.hub_url} from the Hugging Face hub "
-                            f"(not reachable, or no such dataset): {err}") from err
+        return read_hub_dataset(spec, config.cache_dir, config.hf_hub_token, streaming)
     files = spec.files()
-    builder = BUILDERS[files[0].suffix]
+    builder = spec.builder()
     try:
-        return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=config.cache_dir)
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=config.cache_dir,
+                            streaming=streaming)
     except Exception as err:  # datasets wraps parse errors in DatasetGenerationError without the position
-        problem = _find_json_error(files) if builder == "json" else None
+        problem = find_json_error(files) if builder == "json" else None
         cause = err.__cause__ or err
         raise DataError(f"dataset {spec.name!r}: " + (problem or f"{spec.where}: cannot be read by the {builder} "
                                                        f"builder of `datasets`: {cause}")) from err
-
-
-def _find_json_error(files: list[Path]) -> str | None:
-    """`file:line:column: message` of the first JSON syntax error, reading .json as one document or as JSON lines."""
-    for path in files:
-        text = path.read_text(encoding="utf-8")
-        try:
-            json.loads(text)
-            continue
-        except json.JSONDecodeError as whole:
-            document_error = f"{path}:{whole.lineno}:{whole.colno}: invalid JSON: {whole.msg}"
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                line_error = f"{path}:{lineno}:{err.colno}: invalid JSON line: {err.msg}"
-                break
-        else:
-            continue  # valid JSON lines
-        looks_like_lines = path.suffix == ".jsonl" or not text.lstrip().startswith("[")
-        return line_error if looks_like_lines else document_error
-    return None
 
 
 def _sample(raw: Any, spec: DatasetSpec, config: Any) -> tuple[Any, list[int] | None]:
@@ -162,34 +372,62 @@ def _sample(raw: Any, spec: DatasetSpec, config: Any) -> tuple[Any, list[int] | 
 
 
 def _hold_out(train: Any, config: Any) -> tuple[Any, Any]:
-    """Split `val_size` (a share below 1, a count from 1) off the training samples, shuffled with `config.seed`."""
+    """Split `val_size` (a share below 1, a count from 1) off the training rows, shuffled with `config.seed`."""
     size = int(config.val_size) if config.val_size >= 1 else config.val_size
     if isinstance(size, int) and size >= len(train):
         raise DataError(f"`val_size: {config.val_size}` leaves nothing to train on: the datasets hold {len(train)} "
-                        f"samples")
+                        f"rows")
     try:
         parts = train.train_test_split(test_size=size, seed=config.seed,
                                        load_from_cache_file=not config.overwrite_cache)
-    except ValueError as err:  # a share too small for one sample, or too large to leave one
-        raise DataError(f"`val_size: {config.val_size}` cannot split {len(train)} samples: {err}") from err
+    except ValueError as err:  # a share too small for one row, or too large to leave one
+        raise DataError(f"`val_size: {config.val_size}` cannot split {len(train)} rows: {err}") from err
     return parts["train"], parts["test"]
-
-
-def _tokenize(dataset: Any, split: str, config: Any, tokenizer: Any, template: Any) -> Any:
-    if dataset is None:
-        return None
-    kwargs: dict[str, Any] = {"tokenizer": tokenizer, "cutoff_len": config.cutoff_len}
-    if config.stage == "sft":
-        kwargs.update(template=template, train_on_prompt=config.train_on_prompt, mask_history=config.mask_history)
-    tokenized = dataset.map(
-        PROCESSORS[config.stage], batched=True, batch_size=config.preprocessing_batch_size,
-        num_proc=_workers(config, dataset), remove_columns=dataset.column_names, fn_kwargs=kwargs,
-        load_from_cache_file=not config.overwrite_cache, desc=f"tokenizing the {split} set")
-    unit = "chunks" if config.stage == "pt" else "samples"
-    logger.info("%s set: %d %s of at most %d tokens", split, len(tokenized), unit, config.cutoff_len)
-    return tokenized
 
 
 def _workers(config: Any, dataset: Any) -> int | None:
     workers = config.preprocessing_num_workers
     return min(workers, len(dataset)) if workers and workers > 1 and len(dataset) > 1 else None
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _stream(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
+            packing: bool) -> DatasetSplits:
+    """Lazy sets: rows are read, converted, tokenized (and packed) as training consumes them."""
+    logger.info("streaming: invalid samples are skipped without counts; `tunelab data preview` (without "
+                "streaming) shows them")
+    sets = {split: _mix([_stream_one(spec, config, tokenizer, template, kind) for spec in group],
+                        config if split == "train" else None)
+            for split, group in specs.items()}
+    train = _shuffled_stream(sets["train"], config) if sets["train"] is not None else None
+    if packing:
+        return DatasetSplits(_pack(train, config), _pack(sets["eval"], config))
+    return DatasetSplits(train, sets["eval"])
+
+
+def _stream_one(spec: DatasetSpec, config: Any, tokenizer: Any, template: Any, kind: str) -> Any:
+    raw = _read(spec, config, streaming=True)
+    # A stream cannot repeat or sample rows: num_samples and max_samples both keep its first rows.
+    limits = [n for n in (spec.num_samples, config.max_samples) if n is not None]
+    if limits:
+        raw = raw.take(min(limits))
+    converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
+                        remove_columns=_columns(raw), features=features(config.stage),
+                        fn_kwargs={"spec": spec, "stage": config.stage})
+    valid = converted.filter(lambda rule: not rule, input_columns="_rule").remove_columns("_rule")
+    inputs = [column for column in converted.features if column != "_rule"]
+    tokenized = valid.map(PROCESSORS[kind], batched=True, batch_size=config.preprocessing_batch_size,
+                          remove_columns=inputs,
+                          fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config})
+    return tokenized.remove_columns([TRUNCATED_COLUMN])
+
+
+def _columns(data: Any) -> list[str]:
+    """The column names of a dataset; a stream that does not declare them (json, or after a map) shows its first row."""
+    return data.column_names or list(next(iter(data), None) or [])
+
+
+def _shuffled_stream(stream: Any, config: Any) -> Any:
+    return stream.shuffle(seed=config.seed, buffer_size=config.buffer_size)

@@ -1,24 +1,57 @@
-"""Samples in the internal form -> model inputs: `input_ids`, `attention_mask`, `labels` (-100 = not trained).
+"""Samples in the internal form -> model inputs. `labels` hold -100 (`IGNORE_INDEX`) where nothing is trained.
 
-One function per stage, in `PROCESSORS`:
+The loader maps every dataset through one function of `PROCESSORS`, picked by the stage's data kind:
 
+    fn = PROCESSORS[data_kind(config.stage)]
+    dataset.map(fn, batched=True, remove_columns=dataset.column_names,
+                fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config})
+
+Every function has the signature `fn(batch, *, tokenizer, template, config) -> dict[str, list]` and reads these
+config keys (and no others, so a cache key over them is complete): `cutoff_len`; sft also `train_on_prompt` and
+`mask_history`. The kinds, the stages that use them, the columns they read and the columns they return:
+
+* `pt` (pt): text -> input_ids, attention_mask, labels.
+* `sft` (sft): messages, system, tools -> input_ids, attention_mask, labels.
+* `pairwise` (rm, dpo, orpo, simpo): messages (the prompt), chosen, rejected, system, tools ->
+  chosen_input_ids, chosen_attention_mask, chosen_labels, rejected_input_ids, rejected_attention_mask,
+  rejected_labels.
+* `kto` (kto): messages (ending with the reply), kto_tag, system, tools -> input_ids, attention_mask, labels,
+  kto_tags, kl_input_ids, kl_attention_mask, kl_labels.
+* `prompt` (ppo, grpo, prediction): messages (ending with a reference reply, or on the prompt side when there is
+  none), system, tools -> input_ids, attention_mask, labels.
+
+What each does:
+
+* pt: each document plus eos, concatenated and cut into cutoff_len chunks (each opening with bos when the tokenizer
+  adds one); labels are the inputs. This chunking is pt's packing.
 * sft: each conversation through the chat template; the replies are trained (with their end-of-turn tokens, as
   LLaMA-Factory does), the prompts only with `train_on_prompt`, and only the last reply with `mask_history`.
   Too long a conversation keeps whole turns from its start; when even one turn is too long, its prompt is cut from
   the left (the question right before the reply survives), and its reply is cut only when it alone fills the
   window. A sample never ends up with nothing to train on.
-* pt: each document plus eos, concatenated and cut into cutoff_len chunks (each opening with bos when the tokenizer
-  adds one); labels are the inputs.
+* pairwise: `chosen` and `rejected` (each one assistant message dict) each follow the shared prompt `messages`.
+  The prompt (all earlier turns included) is never trained and is the same tokens in both; both are cut to
+  cutoff_len by one cut: the prompt from the left, then both replies to the room left.
+* kto: the sample, and a KL pair of this sample's prompt with the reply of the next sample in the batch (rotated, so
+  with two or more samples in a batch the KL reply is never the sample's own; a batch of one pairs it with itself).
+  The KL pair joins token ids, not text: it is the estimate of the reference KL, not a sample to learn from.
+* prompt: the whole conversation before the last reply, ending with the generation prompt (what a model generates
+  from), cut from the left to cutoff_len; `labels` are the reference reply's ids (with its end-of-turn tokens),
+  unmasked and not aligned with `input_ids`, for metrics; empty when the conversation has no reference.
 
-The pure functions (`sft_example`, `fit_turn`, `chunk_documents`) are what the tests pin down; the `*_batch`
-functions wrap them for `datasets.map(batched=True)`.
+The pure functions (`sft_example`, `fit_turn`, `pairwise_example`, `chunk_documents`) are what the tests pin down;
+the `*_batch` functions wrap them for `datasets.map(batched=True)`. Packing SFT rows is `tunelab.data.packing`.
 """
 
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from tunelab.data.registry import STAGE_KINDS, DataError
 
 IGNORE_INDEX = -100
 
 Pairs = list[tuple[list[int], list[int]]]
+Columns = dict[str, list]
 
 
 def fit_turn(prompt: list[int], response: list[int], cutoff_len: int) -> tuple[list[int], list[int]]:
@@ -33,13 +66,18 @@ def fit_turn(prompt: list[int], response: list[int], cutoff_len: int) -> tuple[l
     return prompt[len(prompt) - keep:], response[:cutoff_len - keep]
 
 
+def prompt_and_reply(pairs: Pairs) -> tuple[list[int], list[int]]:
+    """An encoded conversation as one prompt (every earlier turn included) and its last reply."""
+    history = [i for prompt, response in pairs[:-1] for i in prompt + response]
+    return history + pairs[-1][0], pairs[-1][1]
+
+
 def sft_example(pairs: Pairs, cutoff_len: int, train_on_prompt: bool = False,
                 mask_history: bool = False) -> tuple[list[int], list[int]]:
     """input_ids and labels of one encoded conversation (a list of (prompt_ids, response_ids) turns)."""
     if mask_history:
         # Only the last reply is trained: everything before it is one long prompt.
-        history = [i for prompt, response in pairs[:-1] for i in prompt + response]
-        pairs = [(history + pairs[-1][0], pairs[-1][1])]
+        pairs = [prompt_and_reply(pairs)]
     kept, used = [], 0
     for prompt, response in pairs:
         if used + len(prompt) + len(response) > cutoff_len:
@@ -55,16 +93,106 @@ def sft_example(pairs: Pairs, cutoff_len: int, train_on_prompt: bool = False,
     return input_ids, labels
 
 
-def sft_batch(batch: dict[str, list], *, tokenizer: Any, template: Any, cutoff_len: int, train_on_prompt: bool,
-              mask_history: bool) -> dict[str, list]:
-    """`datasets.map(batched=True)` function for stage sft."""
-    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for messages, system, tools in zip(batch["messages"], batch["system"], batch["tools"]):
+def shared_prompt(chosen: tuple[list[int], list[int]],
+                  rejected: tuple[list[int], list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen reply, rejected reply) with one prompt both conversations start with, token for token.
+
+    The two prompts are the same text, but a token that spans the prompt/reply border belongs to the reply
+    (`templates.split_tokens`), so they can differ at their ends. Their common start is the prompt; whatever follows
+    goes with each reply, so each prompt + reply is still exactly its conversation's tokens.
+    """
+    full_chosen, full_rejected = chosen[0] + chosen[1], rejected[0] + rejected[1]
+    limit = min(len(chosen[0]), len(rejected[0]))
+    common = next((n for n in range(limit) if full_chosen[n] != full_rejected[n]), limit)
+    return full_chosen[:common], full_chosen[common:], full_rejected[common:]
+
+
+def pairwise_example(prompt: list[int], chosen: list[int], rejected: list[int],
+                     cutoff_len: int) -> tuple[list[int], list[int], list[int]]:
+    """Cut a preference pair to cutoff_len: one prompt cut (from the left) for both, then each reply to the room left.
+
+    The cut is the one `fit_turn` makes for the longer reply, so the prompt stays identical in both sequences.
+    """
+    kept_prompt, _ = fit_turn(prompt, max(chosen, rejected, key=len), cutoff_len)
+    room = cutoff_len - len(kept_prompt)
+    return kept_prompt, chosen[:room], rejected[:room]
+
+
+def supervised(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+    """input_ids and labels of a prompt (not trained) followed by a response (trained)."""
+    return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+
+#: Whether cutoff_len cut tokens off the sample (either sequence of a pair); the loader counts it, then drops it.
+TRUNCATED_COLUMN = "_truncated"
+
+
+def _new_columns(*prefixes: str) -> Columns:
+    """Empty sequence columns for each prefix ("" for the plain ones), and the truncation flag."""
+    columns = {prefix + name: [] for prefix in prefixes for name in ("input_ids", "attention_mask", "labels")}
+    return {**columns, TRUNCATED_COLUMN: []}
+
+
+def _add_row(out: Columns, input_ids: list[int], labels: list[int], prefix: str = "") -> None:
+    out[f"{prefix}input_ids"].append(input_ids)
+    out[f"{prefix}attention_mask"].append([1] * len(input_ids))
+    out[f"{prefix}labels"].append(labels)
+
+
+def _conversations(batch: Columns) -> Iterator[tuple[list[dict], str | None, str | None]]:
+    return zip(batch["messages"], batch["system"], batch["tools"])
+
+
+def sft_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+    """Kind sft: one row per conversation, the replies trained (see the module docstring)."""
+    out = _new_columns("")
+    for messages, system, tools in _conversations(batch):
         pairs = template.encode_turns(tokenizer, messages, system, tools)
-        input_ids, labels = sft_example(pairs, cutoff_len, train_on_prompt, mask_history)
-        out["input_ids"].append(input_ids)
-        out["attention_mask"].append([1] * len(input_ids))
-        out["labels"].append(labels)
+        _add_row(out, *sft_example(pairs, config.cutoff_len, config.train_on_prompt, config.mask_history))
+        full_length = sum(len(prompt) + len(reply) for prompt, reply in pairs)
+        out[TRUNCATED_COLUMN].append(full_length > len(out["input_ids"][-1]))
+    return out
+
+
+def pairwise_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+    """Kind pairwise (rm, dpo, orpo, simpo): a chosen and a rejected sequence per row, sharing one prompt."""
+    out = _new_columns("chosen_", "rejected_")
+    for (messages, system, tools), chosen, rejected in zip(_conversations(batch), batch["chosen"], batch["rejected"]):
+        encoded = [prompt_and_reply(template.encode_turns(tokenizer, [*messages, reply], system, tools))
+                   for reply in (chosen, rejected)]
+        full_prompt, full_chosen, full_rejected = shared_prompt(*encoded)
+        out[TRUNCATED_COLUMN].append(len(full_prompt) + max(len(full_chosen), len(full_rejected)) > config.cutoff_len)
+        prompt, chosen_ids, rejected_ids = pairwise_example(full_prompt, full_chosen, full_rejected, config.cutoff_len)
+        _add_row(out, *supervised(prompt, chosen_ids), prefix="chosen_")
+        _add_row(out, *supervised(prompt, rejected_ids), prefix="rejected_")
+    return out
+
+
+def kto_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+    """Kind kto: the sample with its tag, and its KL pair (its prompt, the next sample's reply)."""
+    encoded = [prompt_and_reply(template.encode_turns(tokenizer, messages, system, tools))
+               for messages, system, tools in _conversations(batch)]
+    other_replies = [reply for _, reply in encoded[1:] + encoded[:1]]
+    out = {**_new_columns("", "kl_"), "kto_tags": [bool(tag) for tag in batch["kto_tag"]]}
+    for (prompt, reply), other_reply in zip(encoded, other_replies):
+        _add_row(out, *supervised(*fit_turn(prompt, reply, config.cutoff_len)))
+        out[TRUNCATED_COLUMN].append(len(prompt) + len(reply) > config.cutoff_len)
+        _add_row(out, *supervised(*fit_turn(prompt, other_reply, config.cutoff_len)), prefix="kl_")
+    return out
+
+
+def prompt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+    """Kind prompt (ppo, grpo, prediction): the prompt to generate from, the reference reply as labels."""
+    out = _new_columns("")
+    for messages, system, tools in _conversations(batch):
+        # Roles alternate from the prompt side, so an odd count ends on it: no reference answer. An empty reply
+        # stands in for one, so the template still renders the generation prompt; the labels stay empty.
+        answered = len(messages) % 2 == 0
+        conversation = messages if answered else [*messages, {"role": "assistant", "content": ""}]
+        prompt, reply = prompt_and_reply(template.encode_turns(tokenizer, conversation, system, tools))
+        # Cut from the left: the end of the prompt is the question and the generation prompt.
+        _add_row(out, prompt[-config.cutoff_len:], reply if answered else [])
+        out[TRUNCATED_COLUMN].append(len(prompt) > config.cutoff_len)
     return out
 
 
@@ -90,15 +218,25 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def pt_batch(batch: dict[str, list], *, tokenizer: Any, cutoff_len: int) -> dict[str, list]:
-    """`datasets.map(batched=True)` function for stage pt."""
+def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+    """Kind pt: documents chunked to cutoff_len (the template is not used)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to separate documents")
     documents = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    chunks = chunk_documents(documents, cutoff_len, tokenizer.eos_token_id, bos)
-    return {"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks], "labels": [list(c) for c in chunks]}
+    chunks = chunk_documents(documents, config.cutoff_len, tokenizer.eos_token_id, bos)
+    # Chunking keeps every token (the last chunk holds the remainder): nothing is truncated.
+    return {"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks], "labels": [list(c) for c in chunks],
+            TRUNCATED_COLUMN: [False] * len(chunks)}
 
 
-#: stage -> its `datasets.map(batched=True)` function (sft reads messages/system/tools, pt reads text).
-PROCESSORS = {"sft": sft_batch, "pt": pt_batch}
+#: data kind -> its `datasets.map(batched=True)` function, `fn(batch, *, tokenizer, template, config)`.
+PROCESSORS: dict[str, Callable[..., Columns]] = {
+    "pt": pt_batch, "sft": sft_batch, "pairwise": pairwise_batch, "kto": kto_batch, "prompt": prompt_batch,
+}
+
+def data_kind(stage: str) -> str:
+    """The data kind (a key of `PROCESSORS`) of a training stage."""
+    if stage not in STAGE_KINDS:
+        raise DataError(f"stage {stage!r} has no data processing; known stages: {', '.join(STAGE_KINDS)}")
+    return STAGE_KINDS[stage]

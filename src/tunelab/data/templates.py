@@ -1,279 +1,86 @@
-"""Chat templates: how a conversation becomes text, and that text becomes (prompt, response) token pieces.
+"""Chat templates: how a conversation becomes text, and that text becomes (prompt, reply) token pieces.
 
-Two kinds, one interface (`Template`):
+    template = get_template(config, tokenizer)     # from `template:` (and default_system, enable_thinking, tool_format)
+    template.prepare_tokenizer(tokenizer)          # eos, pad and the chat template the saved tokenizer carries
+    pairs = template.encode_turns(tokenizer, messages, system, tools)   # [(prompt_ids, reply_ids), ...]
 
-* `ChatTemplate`, a row of the `TEMPLATES` table (`template: qwen`): a few format strings with `{{content}}`,
-  `{{bos_token}}` and `{{eos_token}}` placeholders. It renders itself in Python for training and as a Jinja chat
-  template (`.jinja`) for the saved tokenizer; tests check both give the same tokens.
-* `TokenizerTemplate` (no `template:` key): the tokenizer's own Jinja chat template, used as is. Its turn boundaries
-  are found by rendering conversation prefixes, never by guessing where a turn's markup starts.
+`template:` in a config is one of
 
-Both tokenize the whole rendered conversation in one piece, exactly as `tokenizer.apply_chat_template` does, and then
-cut the ids at the turn boundaries (`split_tokens`), so training sees the very ids inference will see.
+* a name from `TEMPLATES` (`template_table.py`: LLaMA-Factory's names, e.g. `qwen`, `llama3`, `qwen3`): a
+  `ChatTemplate`, rendered in Python for training and saved as the Jinja template it equals;
+* a YAML file (`template: my_template.yaml`) holding the fields of a `ChatTemplate`, listed below;
+* a Jinja file (`template: my_template.jinja`): a chat template used like a tokenizer's own;
+* omitted: the tokenizer's own chat template (`TokenizerTemplate`), used as is.
 
-Adding a model family is one `ChatTemplate(...)` row plus a parity test against its tokenizer's own template.
+Fields of a template (YAML keys; only `user`, `assistant` and `system` hold `{{content}}`, and every text may hold
+`{{bos_token}}` and `{{eos_token}}`):
+
+    base               a template name whose fields are the defaults of this file's (e.g. `base: qwen`)
+    name               shown in messages (default: the file's stem)
+    prefix             text at the very start, e.g. "{{bos_token}}"
+    system             a system prompt, e.g. "<|im_start|>system\\n{{content}}<|im_end|>\\n"
+    system_in_user     true: the system text goes in front of the first user message instead (Llama 2, Gemma)
+    default_system     the system prompt of a sample that has none
+    user               a user message, e.g. "<|im_start|>user\\n{{content}}<|im_end|>\\n"
+    assistant_header   what opens a reply; also the generation prompt, e.g. "<|im_start|>assistant\\n"
+    assistant          a reply with its end of turn, e.g. "{{content}}<|im_end|>\\n"
+                       (default "{{content}}{{eos_token}}")
+    observation        a tool's result (default: like a user message); observation_open / observation_close wrap a
+                       run of consecutive results (Qwen puts them in one user turn)
+    function           a reply that calls tools, {{content}} being the calls (default: like `assistant`)
+    tool_format        how tools and calls are written: qwen, llama3, glm4 or mistral (see tool_formats.py)
+    thought            [open, close] of a reasoning block, e.g. ["<think>\\n", "\\n</think>\\n\\n"]: earlier replies
+                       lose their reasoning and the last one always shows a block, as in Qwen3's own template
+    stop_words         texts that end generation; replace_eos: true makes the first one the tokenizer's eos
+    efficient_eos      true: replies carry no end of their own; the conversation's last one is followed by eos
+    markers            markup that must be one token each (added as special tokens when the tokenizer lacks them)
+
+`examples/templates/` holds an example of each kind of file.
+
+When the tokenizer's own template is used, turn borders are found by rendering conversation prefixes with
+`apply_chat_template` (the prompt of turn k is the conversation up to it with the generation prompt), never by
+guessing where markup starts. A template that rewrites earlier turns once later ones exist (Qwen3's drops the
+reasoning of past replies; Phi-3.5's ends a finished conversation with eos) cannot have every reply cut out of the
+final text exactly; there, the last reply is trained in the exact context it is generated in, and the earlier turns
+are its prompt (as with `mask_history`), which a warning says once.
 """
 
+import difflib
 import json
 import logging
-import re
-from dataclasses import dataclass, replace
-from itertools import accumulate
+from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
-from tunelab.data.registry import DataError
+from tunelab.data.chat_template import ChatTemplate, Pairs, Template, split_tokens, to_hf_messages
+from tunelab.data.format_strings import TemplateError
+from tunelab.data.template_table import TEMPLATES
+from tunelab.data.tool_formats import TOOL_FORMATS
 
 logger = logging.getLogger(__name__)
 
-Pairs = list[tuple[list[int], list[int]]]
-_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+__all__ = ["TEMPLATES", "ChatTemplate", "Pairs", "Template", "TemplateError", "TokenizerTemplate", "get_template",
+           "load_template_file", "split_tokens", "to_hf_messages"]
 
-
-class TemplateError(DataError):
-    """A template that cannot be used with this tokenizer or cannot render a conversation."""
-
-
-def _fill(fmt: str, **values: str) -> str:
-    """Replace `{{name}}` placeholders in one pass (a reply containing "{{eos_token}}" stays text)."""
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], fmt)
-
-
-def _jinja_expr(fmt: str, exprs: dict[str, str]) -> str:
-    """A format string as one Jinja expression: literals quoted, placeholders replaced by the given expressions."""
-    parts = []
-    for i, piece in enumerate(_PLACEHOLDER.split(fmt)):
-        if i % 2:
-            parts.append(exprs[piece])
-        elif piece:
-            parts.append(json.dumps(piece, ensure_ascii=False))  # JSON escapes are valid Jinja string escapes
-    return " + ".join(parts) or '""'
-
-
-def _emit(fmt: str, **exprs: str) -> str:
-    exprs = {"content": "message['content']", "bos_token": "bos_token", "eos_token": "eos_token", **exprs}
-    return f"{{{{- {_jinja_expr(fmt, exprs)} -}}}}" if fmt else ""
-
-
-def split_tokens(tokenizer: Any, pieces: list[str]) -> list[list[int]]:
-    """Tokenize `"".join(pieces)` as one text (as `apply_chat_template` does) and cut its ids at the piece borders.
-
-    Usually every border sits next to a special token and the pieces tokenize alone to the same ids. Where a token
-    spans a border (a reply starting with a newline after "assistant\\n"), the whole-text ids are cut where they stop
-    agreeing with the ids of the text up to the border, so the spanning token goes to the later piece. Either way the
-    concatenated pieces equal the whole-text ids, exactly.
-    """
-    texts = ["".join(pieces), *pieces]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    full, parts = encoded[0], encoded[1:]
-    if [i for part in parts for i in part] == full:
-        return parts
-    prefix_ids = tokenizer(list(accumulate(pieces))[:-1], add_special_tokens=False)["input_ids"]
-    cuts = [0]
-    for ids in prefix_ids:
-        agree = next((n for n, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
-        cuts.append(max(agree, cuts[-1]))
-    cuts.append(len(full))
-    return [full[a:b] for a, b in zip(cuts, cuts[1:])]
-
-
-def to_hf_messages(messages: list[dict[str, str]], system: str | None) -> list[dict[str, Any]]:
-    """The internal conversation as the messages `apply_chat_template` takes (OpenAI style tool calls)."""
-    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    for message in messages:
-        if message["role"] == "tool_call":
-            calls = [{"type": "function", "function": call} for call in json.loads(message["content"])]
-            out.append({"role": "assistant", "content": "", "tool_calls": calls})
-        else:
-            out.append({"role": message["role"], "content": message["content"]})
-    return out
-
-
-class Template:
-    """What the data layer needs of a chat template. See `ChatTemplate` and `TokenizerTemplate`."""
-
-    name: str
-    default_system: str | None
-    stop_words: tuple[str, ...] = ()
-    supports_tools: bool = False
-
-    @property
-    def jinja(self) -> str | None:
-        """The Jinja chat template that renders exactly as `encode_turns` encodes."""
-        raise NotImplementedError
-
-    def render_pieces(self, tokenizer: Any, messages: list[dict], system: str | None,
-                      tools: str | None) -> list[str]:
-        """The conversation as text, cut into prompt, reply, prompt, reply, ... pieces."""
-        raise NotImplementedError
-
-    def encode_turns(self, tokenizer: Any, messages: list[dict], system: str | None = None,
-                     tools: str | None = None) -> Pairs:
-        """(prompt_ids, response_ids) per turn; concatenated, they equal `apply_chat_template` with `.jinja`."""
-        if (tools or any(m["role"] in ("tool", "tool_call") for m in messages)) and not self.supports_tools:
-            raise TemplateError(f"template {self.name!r} cannot render tools or tool calls; use `template: qwen` "
-                                f"or a tokenizer whose own chat template supports tools")
-        pieces = self.render_pieces(tokenizer, messages, system, tools)
-        ids = split_tokens(tokenizer, pieces)
-        return list(zip(ids[0::2], ids[1::2]))
-
-    def prepare_tokenizer(self, tokenizer: Any) -> None:
-        """Make the tokenizer end turns, pad and render chats as this template does (before saving it)."""
-        if self.stop_words and tokenizer.eos_token != self.stop_words[0]:
-            logger.info("eos token: %s -> %s (the end of a turn in template %r)", tokenizer.eos_token,
-                        self.stop_words[0], self.name)
-            tokenizer.eos_token = self.stop_words[0]
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if self.jinja is not None:
-            tokenizer.chat_template = self.jinja
-
-    def stop_token_ids(self, tokenizer: Any) -> list[int]:
-        """Ids that end generation: the eos and every stop word the tokenizer knows as one token."""
-        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for word in self.stop_words:
-            encoded = tokenizer.encode(word, add_special_tokens=False)
-            if len(encoded) == 1 and encoded[0] not in ids:
-                ids.append(encoded[0])
-        return ids
-
-
-@dataclass(frozen=True)
-class ToolStyle:
-    """How a template shows the tool list (inside the system prompt), a tool call and a tool's result."""
-
-    tools_intro: str        # system text before the tool list: one JSON object per line follows
-    tools_outro: str        # system text after the list
-    call: str               # one call, with {{name}} and {{arguments}} (JSON)
-    call_separator: str     # between several calls of one reply
-    call_end: str           # after the calls: the template's end of an assistant turn
-    observation: str        # a tool-result turn, with {{content}}
-
-    def system_text(self, tools: list[dict]) -> str:
-        return self.tools_intro + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + self.tools_outro
-
-    def call_text(self, calls: list[dict]) -> str:
-        return self.call_separator.join(
-            _fill(self.call, name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))
-            for c in calls) + self.call_end
-
-
-@dataclass(frozen=True)
-class ChatTemplate(Template):
-    """A template from format strings. A reply is `assistant_header` (also the generation prompt) + `assistant`."""
-
-    name: str
-    user: str
-    assistant: str
-    assistant_header: str = ""
-    system: str = "{{content}}"
-    prefix: str = ""
-    default_system: str = ""
-    stop_words: tuple[str, ...] = ()     # the first one becomes the tokenizer's eos
-    markers: tuple[str, ...] = ()        # markup that must be one token each in the tokenizer
-    tool_style: ToolStyle | None = None
-
-    @property
-    def supports_tools(self) -> bool:  # type: ignore[override]
-        return self.tool_style is not None
-
-    def check_tokenizer(self, tokenizer: Any) -> None:
-        """Make sure the tokenizer reads this template's markup as single tokens, adding the ones it lacks.
-
-        A LLaMA-Factory config may pair a template with a model of another family (the llama3 template on a ChatML
-        model, say); it must still run. The missing markers become new special tokens, so the model layer resizes
-        the embeddings and trains them; the warning says what that costs and what fits better.
-        """
-        missing = [t for t in (*self.markers, *self.stop_words[:1]) if not _is_one_token(tokenizer, t)]
-        if missing:
-            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-            logger.warning(
-                "template %r needs %s as single tokens, which this tokenizer lacks: added them as new special "
-                "tokens, so the embeddings grow and are trained from scratch for them (with LoRA they are saved "
-                "beside the adapter). The template of the model's own family, or omitting `template` to use the "
-                "tokenizer's chat template, trains faster and better.", self.name, ", ".join(missing))
-        # A missing bos renders as nothing (Qwen-family tokenizers have none); a reply must still be able to end.
-        formats = (self.prefix, self.system, self.user, self.assistant_header, self.assistant)
-        if any("{{eos_token}}" in f for f in formats) and tokenizer.eos_token is None:
-            raise TemplateError(f"template {self.name!r} ends replies with the tokenizer's eos_token, which it lacks")
-
-    def render_pieces(self, tokenizer: Any, messages: list[dict], system: str | None,
-                      tools: str | None) -> list[str]:
-        special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-        system_text = system or self.default_system
-        if tools:
-            system_text += self.tool_style.system_text(json.loads(tools))
-        head = _fill(self.prefix, **special)
-        if system_text:
-            head += _fill(self.system, content=system_text, **special)
-        header = _fill(self.assistant_header, **special)
-        pieces = []
-        for i in range(0, len(messages), 2):
-            query, reply = messages[i], messages[i + 1]
-            turn = self.user if query["role"] == "user" else self.tool_style.observation
-            pieces.append((head if i == 0 else "") + _fill(turn, content=query["content"], **special) + header)
-            if reply["role"] == "tool_call":
-                pieces.append(self.tool_style.call_text(json.loads(reply["content"])))
-            else:
-                pieces.append(_fill(self.assistant, content=reply["content"], **special))
-        return pieces
-
-    @property
-    def jinja(self) -> str:
-        lines = [
-            "{%- if messages and messages[0]['role'] == 'system' -%}",
-            "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
-            "{%- else -%}",
-            f"{{%- set system = {json.dumps(self.default_system, ensure_ascii=False)} -%}}"
-            "{%- set loop_messages = messages -%}",
-            "{%- endif -%}",
-            _emit(self.prefix),
-        ]
-        style = self.tool_style
-        if style:
-            tool_list = f"""{json.dumps(style.tools_intro)} + '\\n' + (tools | map('tojson') | join('\\n')) + \
-{json.dumps(style.tools_outro)}"""
-            lines.append(f"{{%- if tools -%}}{{%- set system = system + {tool_list} -%}}{{%- endif -%}}")
-        lines += [
-            "{%- if system -%}", _emit(self.system, content="system"), "{%- endif -%}",
-            "{%- for message in loop_messages -%}",
-            "{%- if message['role'] == 'user' -%}", _emit(self.user),
-        ]
-        if style:
-            lines += [
-                "{%- elif message['role'] == 'assistant' and message.tool_calls -%}", _emit(self.assistant_header),
-                "{%- for call in message.tool_calls -%}",
-                "{%- set fn = call.function if call.function is defined else call -%}",
-                "{%- if not loop.first -%}" + _emit(style.call_separator) + "{%- endif -%}",
-                _emit(style.call, name="fn.name", arguments="(fn.arguments | tojson)"),
-                "{%- endfor -%}", _emit(style.call_end),
-                "{%- elif message['role'] == 'tool' -%}", _emit(style.observation),
-            ]
-        lines += [
-            "{%- elif message['role'] == 'assistant' -%}", _emit(self.assistant_header + self.assistant),
-            "{%- else -%}",
-            f"{{{{- raise_exception('template {self.name} cannot render the role ' + message['role']) -}}}}",
-            "{%- endif -%}",
-            "{%- endfor -%}",
-            "{%- if add_generation_prompt -%}", _emit(self.assistant_header), "{%- endif -%}",
-        ]
-        return "\n".join(line for line in lines if line) + "\n"
-
-
-def _is_one_token(tokenizer: Any, text: str) -> bool:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+REPLY_ROLES = ("assistant", "tool_call")
+_rewriting_warned: set[str] = set()
 
 
 class TokenizerTemplate(Template):
-    """The tokenizer's own chat template. `default_system` (config) is added as a Jinja header so the saved
-    tokenizer inserts it too; `render_kwargs` (enable_thinking) reach the template as variables."""
+    """A Jinja chat template used as is: the tokenizer's own, or a user's `.jinja` file.
 
-    name = "tokenizer"
+    `default_system` (config) is added as a Jinja header so the saved tokenizer inserts it too; `enable_thinking`
+    reaches the template as a variable, and when it is false the saved template defaults to no thinking (so a served
+    model is prompted without thinking, as it was trained).
+    """
 
-    def __init__(self, tokenizer: Any, default_system: str | None = None, enable_thinking: bool = True) -> None:
-        own = tokenizer.chat_template
-        if isinstance(own, dict):  # older tokenizers store several named templates
-            own = own.get("default")
+    def __init__(self, tokenizer: Any, default_system: str | None = None, enable_thinking: bool = True,
+                 own: str | None = None, name: str = "tokenizer") -> None:
+        if own is None:
+            own = tokenizer.chat_template
+            if isinstance(own, dict):  # older tokenizers store several named templates
+                own = own.get("default")
+        self.name = name
         self.own = own
         self.default_system = default_system
         self.render_kwargs = {"enable_thinking": enable_thinking}
@@ -281,12 +88,17 @@ class TokenizerTemplate(Template):
 
     @property
     def jinja(self) -> str | None:
-        if self.own is None or not self.default_system:
-            return self.own
-        system = json.dumps(self.default_system, ensure_ascii=False)
-        return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
-                f"{{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages -%}}"
-                "{%- endif -%}\n" + self.own)
+        if self.own is None:
+            return None
+        header = ""
+        if self.default_system:
+            system = json.dumps(self.default_system, ensure_ascii=False)
+            header += ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+                       f"{{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages -%}}"
+                       "{%- endif -%}\n")
+        if not self.render_kwargs["enable_thinking"] and "enable_thinking" in self.own:
+            header += "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}\n"
+        return header + self.own
 
     def _render(self, tokenizer: Any, conversations: list[list[dict]], tools: list | None,
                 add_generation_prompt: bool) -> list[str]:
@@ -294,7 +106,7 @@ class TokenizerTemplate(Template):
             return tokenizer.apply_chat_template(conversations, tools=tools, chat_template=self.jinja, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt, **self.render_kwargs)
         except Exception as err:  # jinja raises TemplateError and plain exceptions alike
-            raise TemplateError(f"the tokenizer's own chat template cannot render this conversation: {err}") from err
+            raise TemplateError(f"the chat template of {self.name} cannot render this conversation: {err}") from err
 
     def _probe_tools(self, tokenizer: Any) -> bool:
         """Whether the template shows the tool list, a tool call and a tool result (rather than dropping them)."""
@@ -315,85 +127,129 @@ class TokenizerTemplate(Template):
         if self.own is None:
             raise TemplateError("the tokenizer has no chat template: set `template:` (one of "
                                 f"{', '.join(TEMPLATES)}) in the config")
+        if not messages or messages[-1]["role"] not in REPLY_ROLES:
+            raise TemplateError("the conversation does not end with an assistant reply")
         conversation = to_hf_messages(messages, system)
         offset = len(conversation) - len(messages)  # 1 with a system message
+        replies_at = [offset + i for i, m in enumerate(messages) if m["role"] in REPLY_ROLES]
         tool_list = json.loads(tools) if tools else None
-        ends = range(offset + 1, len(conversation) + 1, 2)  # after each prompt-side message
-        prompts = self._render(tokenizer, [conversation[:end] for end in ends], tool_list, True)
-        replies = self._render(tokenizer, [conversation[:end + 1] for end in ends], tool_list, False)
+        prompts = self._render(tokenizer, [conversation[:at] for at in replies_at], tool_list, True)
+        endings = self._render(tokenizer, [conversation[:at + 1] for at in replies_at], tool_list, False)
         pieces, done = [], ""
-        for turn, (prompt, reply) in enumerate(zip(prompts, replies)):
+        for prompt, ending in zip(prompts, endings):
             # Rendering the conversation up to a turn must extend, never rewrite, what came before.
-            if not (prompt.startswith(done) and reply.startswith(prompt) and len(reply) > len(prompt)):
-                raise TemplateError(
-                    f"the tokenizer's own chat template is not prefix-stable at turn {turn + 1} (it rewrites earlier "
-                    f"turns, e.g. drops past reasoning), so prompt and reply tokens cannot be told apart exactly; "
-                    f"set `template:` to one of {', '.join(TEMPLATES)}")
-            pieces += [prompt[len(done):], reply[len(prompt):]]
-            done = reply
+            if not (prompt.startswith(done) and ending.startswith(prompt) and len(ending) > len(prompt)):
+                return self._last_reply_only(prompts[-1], endings[-1])
+            pieces += [prompt[len(done):], ending[len(prompt):]]
+            done = ending
         return pieces
 
+    def _last_reply_only(self, prompt: str, full: str) -> list[str]:
+        """Pieces for a template that rewrites earlier turns: the history is the prompt of the last reply."""
+        if not (full.startswith(prompt) and len(full) > len(prompt)):
+            raise TemplateError(
+                f"the chat template of {self.name} renders the last reply's generation prompt differently from the "
+                f"finished conversation (Mistral v0.3's drops a system prompt from a finished one; a reply holding "
+                f"reasoning while enable_thinking is false does too), so the reply cannot be told apart from its "
+                f"prompt exactly: set `template:` to one of {', '.join(TEMPLATES)}")
+        if self.name not in _rewriting_warned:
+            _rewriting_warned.add(self.name)
+            logger.warning("the chat template of %s rewrites earlier turns once later ones exist (e.g. drops past "
+                           "reasoning), so in multi-turn samples only the last reply is trained, in exactly the "
+                           "context it is generated in; its earlier turns are prompt. A table template (`template:`) "
+                           "trains every reply.", self.name)
+        return [prompt, full[len(prompt):]]
 
-QWEN_TOOLS = ToolStyle(
-    tools_intro="\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
-    tools_outro="\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-                "<args-json-object>}\n</tool_call>",
-    call='<tool_call>\n{"name": "{{name}}", "arguments": {{arguments}}}\n</tool_call>',
-    call_separator="\n",
-    call_end="<|im_end|>\n",
-    observation="<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n",
-)
 
-_CHATML = ChatTemplate(
-    name="chatml",
-    system="<|im_start|>system\n{{content}}<|im_end|>\n",
-    user="<|im_start|>user\n{{content}}<|im_end|>\n",
-    assistant_header="<|im_start|>assistant\n",
-    assistant="{{content}}<|im_end|>\n",
-    stop_words=("<|im_end|>",),
-    markers=("<|im_start|>", "<|im_end|>"),
-)
+# --- user-defined templates ---
 
-#: The template table: name -> template. LLaMA-Factory's names and formats.
-TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
-    # No markup: the prompt as is, the reply followed by eos (so a model trained with it learns to stop).
-    ChatTemplate(name="empty", user="{{content}}", assistant="{{content}}{{eos_token}}"),
-    _CHATML,
-    replace(_CHATML, name="qwen", default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-            tool_style=QWEN_TOOLS),
-    ChatTemplate(
-        name="llama3",
-        prefix="{{bos_token}}",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",
-        user="<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>",
-        assistant_header="<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant="{{content}}<|eot_id|>",
-        stop_words=("<|eot_id|>", "<|eom_id|>"),
-        markers=("<|start_header_id|>", "<|end_header_id|>"),
-    ),
-)}
+_YAML_FIELDS = {f.name: f for f in fields(ChatTemplate) if f.name != "enable_thinking"}
+
+
+def load_template_file(path: str | Path) -> ChatTemplate:
+    """A `ChatTemplate` from a YAML file of its fields (see the module docstring)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise TemplateError(f"{path}: cannot read the template file: {err}") from err
+    if not isinstance(data, dict):
+        raise TemplateError(f"{path}: a template file holds a mapping of template fields (user, assistant, ...)")
+    base = data.pop("base", None)
+    if base is not None and base not in TEMPLATES:
+        raise TemplateError(f"{path}: `base: {base}` is not a template name; known: {', '.join(TEMPLATES)}")
+    values: dict[str, Any] = {"name": path.stem}
+    for key, value in data.items():
+        if key not in _YAML_FIELDS:
+            close = difflib.get_close_matches(str(key), [*_YAML_FIELDS, "base"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TemplateError(f"{path}: unknown template field {key!r}{hint}; "
+                                f"fields: base, {', '.join(_YAML_FIELDS)}")
+        values[key] = _field_value(path, key, value)
+    return replace(TEMPLATES[base], **values) if base else ChatTemplate(**values)
+
+
+def _field_value(path: Path, key: str, value: Any) -> Any:
+    """A YAML value checked against the field's kind: text, true/false, or a list of texts."""
+    kind = _YAML_FIELDS[key].type
+    texts = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if key == "thought":
+        valid, expected = texts and len(value) == 2, "a list of two texts [open, close]"
+    elif key == "tool_format":
+        valid, expected = value is None or value in TOOL_FORMATS, f"one of {', '.join(TOOL_FORMATS)}"
+    elif kind is bool:
+        valid, expected = isinstance(value, bool), "true or false"
+    elif kind is str:
+        valid, expected = isinstance(value, str), "text"
+    else:
+        valid, expected = texts, "a list of texts"
+    if not valid:
+        raise TemplateError(f"{path}: template field {key!r} must be {expected}, not {value!r}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _named_template(name: str) -> ChatTemplate:
+    if name not in TEMPLATES:
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TemplateError(f"unknown template {name!r}: {hint}known: {', '.join(TEMPLATES)} (or a .yaml / .jinja "
+                            f"file, or omit `template` to use the tokenizer's own chat template)")
+    return TEMPLATES[name]
 
 
 def get_template(config: Any, tokenizer: Any) -> Template:
-    """The template `config.template` names, or the tokenizer's own chat template when it names none."""
+    """The template `config.template` names (a table name, a .yaml or .jinja file), or the tokenizer's own."""
     name = config.template
-    if name is None:
+    if name is None or name.endswith(".jinja"):
+        return _jinja_template(config, tokenizer)
+    template = load_template_file(name) if name.endswith((".yaml", ".yml")) else _named_template(name)
+    overrides: dict[str, Any] = {"enable_thinking": config.enable_thinking}
+    if config.default_system is not None:
+        overrides["default_system"] = config.default_system
+    if config.tool_format is not None:
+        if config.tool_format not in TOOL_FORMATS:
+            raise TemplateError(f"unknown tool_format {config.tool_format!r}: known are {', '.join(TOOL_FORMATS)}")
+        overrides["tool_format"] = config.tool_format
+    template = replace(template, **overrides)
+    template.check_tokenizer(tokenizer)
+    return template
+
+
+def _jinja_template(config: Any, tokenizer: Any) -> TokenizerTemplate:
+    """The tokenizer's own chat template (`template` omitted) or a `.jinja` file's."""
+    if config.tool_format is not None:
+        raise TemplateError("`tool_format` applies to table and YAML templates; a Jinja chat template writes tools "
+                            "its own way: drop `tool_format` or set `template:` to a table name")
+    if config.template is None:
         template = TokenizerTemplate(tokenizer, config.default_system, config.enable_thinking)
         if template.own is None and config.stage != "pt":
             raise TemplateError(f"the tokenizer of {config.model_name_or_path} has no chat template: set `template:` "
                                 f"to the one its model was trained with (one of {', '.join(TEMPLATES)})")
         return template
-    if name not in TEMPLATES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(TEMPLATES), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise TemplateError(f"unknown template {name!r}: {hint}known: {', '.join(TEMPLATES)} "
-                            f"(or omit `template` to use the tokenizer's own chat template)")
-    template = TEMPLATES[name]
-    if config.default_system is not None:
-        template = replace(template, default_system=config.default_system)
-    template.check_tokenizer(tokenizer)
-    return template
+    try:
+        text = Path(config.template).read_text(encoding="utf-8")
+    except OSError as err:
+        raise TemplateError(f"template file {config.template}: cannot be read: {err}") from err
+    return TokenizerTemplate(tokenizer, config.default_system, config.enable_thinking, own=text, name=config.template)

@@ -8,10 +8,10 @@ template -> tokenized data -> model with its fine-tuning method -> Trainer -> tr
 
 from typing import Any
 
-from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+from transformers import Trainer, set_seed
 
 from tunelab.config import Config
-from tunelab.data import get_template, load_datasets
+from tunelab.data import DataCollator, get_template, load_datasets
 from tunelab.model import load_model, load_tokenizer
 from tunelab.training.arguments import build_training_arguments
 from tunelab.training.callbacks import TrainerLogCallback
@@ -34,9 +34,11 @@ def run(config: Config, use_template: bool = True) -> dict[str, Any]:
         splits = load_datasets(config, tokenizer, template)
 
     model = load_model(config, tokenizer, trainable=config.do_train)
+    # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
+    # attend to each other.
+    model.config.use_cache = False
     # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100,
-                                      pad_to_multiple_of=None if args.use_cpu else 8)
+    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
     trainer = Trainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                       data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()])
     return train_and_report(trainer, config, resume_from)

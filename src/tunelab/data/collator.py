@@ -1,0 +1,62 @@
+"""Batch tokenized rows of every data kind into padded torch tensors.
+
+    collator = DataCollator(tokenizer, pad_to_multiple_of=8)
+    batch = collator([dataset[0], dataset[1]])   # {"input_ids": LongTensor[2, L], "attention_mask": ..., ...}
+
+Sequence columns are padded to the longest row of their column (rounded up to `pad_to_multiple_of`): input_ids with
+the tokenizer's pad id, attention_mask with 0, labels with -100, position_ids with 0. The same holds for their
+`chosen_`, `rejected_` (pairwise) and `kl_` (kto) variants. Scalar columns (`kto_tags`) become a tensor as they are.
+Any other column (a dataset's leftovers, image paths until multimodal batching exists) is left out, as the Trainer
+would drop it anyway.
+
+Padding goes on the right, or on the left when `tokenizer.padding_side == "left"` (generation), read at every call.
+
+Neat-packed rows (`tunelab.data.packing`) have position_ids and no attention_mask, and get none here: an
+attention_mask would stop transformers from isolating the packed samples. Their pad positions are 0, so each pad
+token counts as a sample of its own and no real token attends to it.
+
+torch is imported on first use, so importing `tunelab.data` stays light.
+"""
+
+from typing import Any
+
+from tunelab.data.processing import IGNORE_INDEX
+
+#: column -> the value it is padded with; None stands for the tokenizer's pad id.
+PAD_VALUES: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+#: prefixes of the sequence groups some kinds emit besides the plain one: pairwise, kto's KL pair.
+PREFIXES = ("", "chosen_", "rejected_", "kl_")
+#: columns holding one value per row.
+SCALAR_COLUMNS = ("kto_tags",)
+
+
+class DataCollator:
+    """Pads the sequence columns it knows, keeps scalar ones, drops the rest; returns torch tensors."""
+
+    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; `Template.prepare_tokenizer` sets it before batching")
+        self.tokenizer = tokenizer
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_values = {prefix + name: tokenizer.pad_token_id if value is None else value
+                           for prefix in PREFIXES for name, value in PAD_VALUES.items()}
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = {}
+        for column in features[0]:
+            values = [row[column] for row in features]
+            if column in self.pad_values:
+                batch[column] = torch.tensor(self._pad(values, self.pad_values[column]), dtype=torch.long)
+            elif column in SCALAR_COLUMNS:
+                batch[column] = torch.tensor(values)
+        return batch
+
+    def _pad(self, rows: list[list[int]], value: int) -> list[list[int]]:
+        length = max(len(row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        left = self.tokenizer.padding_side == "left"
+        return [[value] * (length - len(row)) + list(row) if left else list(row) + [value] * (length - len(row))
+                for row in rows]
