@@ -283,3 +283,33 @@ def test_two_processes_under_torchrun(tiny_model_dir, tmp_path):
     assert state["train_batch_size"] == 2 and (out / "adapter_model.safetensors").exists()
     loss_steps = [r["current_steps"] for r in read_log(out) if "loss" in r]
     assert loss_steps == [2, 4, 6], "only rank 0 writes the log"
+
+
+def test_packed_sft_trains_on_fuller_rows(tiny_model_dir, tmp_path):
+    tokens_seen = {}
+    for name, packing in (("unpacked", {}), ("packed", {"packing": True}), ("neat", {"neat_packing": True})):
+        out = tmp_path / name
+        tunelab.train(run_config(tiny_model_dir, out, finetuning_type="full", learning_rate=1e-3, cutoff_len=256,
+                                 per_device_train_batch_size=2, **packing))
+        assert_learned(losses(out))
+        tokens_seen[name] = json.loads((out / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    # The same number of rows per step carries several samples each when packed.
+    assert tokens_seen["packed"] > 1.5 * tokens_seen["unpacked"]
+    assert tokens_seen["neat"] == tokens_seen["packed"]
+
+
+def test_data_preview_command_shows_trained_tokens_and_statistics(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from tunelab.cli import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(run_config(tiny_model_dir, tmp_path / "run", cutoff_len=48,
+                                              dataset="identity,alpaca_demo")))
+    assert main(["data", "preview", str(path), "-n", "2", "overwrite_cache=true"]) == 0
+    shown = capsys.readouterr().out
+    assert "⟦" in shown and "⟧" in shown, "trained tokens are marked"
+    for dataset in ("identity", "alpaca_demo"):
+        assert dataset in shown
+    assert "truncated" in shown and "p50" in shown
+    assert not (tmp_path / "run").exists(), "a preview writes no run outputs"
