@@ -36,13 +36,13 @@ def main() -> int:
     from peft import PeftModel
 
     import tunelab
-    from tunelab.data import get_template
+    from tunelab.data import prepare_template
     from tunelab.model import load_model, load_tokenizer
     from tunelab.training.run import setup_logging
 
     setup_logging()
     tokenizer = load_tokenizer(config)
-    get_template(config, tokenizer).prepare_tokenizer(tokenizer)
+    prepare_template(config, tokenizer)
     base = load_model(config, tokenizer, trainable=False)
     before = answer(base, tokenizer, QUESTION)
     print(f"\n[quickstart] before training, {QUESTION!r} -> {before!r}\n", flush=True)

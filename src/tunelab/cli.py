@@ -103,17 +103,13 @@ def cmd_data(args: list[str]) -> int:
     from tunelab.config import load_config
 
     config = load_config(args[1], parse_overrides(rest))
-    from tunelab.data import get_template, preview
+    from tunelab.data import prepare_template, preview
     from tunelab.model import load_tokenizer
     from tunelab.training.run import setup_logging
 
     setup_logging()
     tokenizer = load_tokenizer(config)
-    template = None
-    if config.stage != "pt":
-        template = get_template(config, tokenizer)
-        template.prepare_tokenizer(tokenizer)
-    print(preview(config, tokenizer, template, samples))
+    print(preview(config, tokenizer, prepare_template(config, tokenizer), samples))
     return 0
 
 

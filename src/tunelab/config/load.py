@@ -9,7 +9,7 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,9 @@ NOT_YET_SUPPORTED = {
     "loraplus_lr_ratio", "shift_attn", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
     "use_llama_pro", "print_param_status", "compute_accuracy", "predict_with_generate", "do_predict",
 }
+
+
+SCHEMA_KEYS = frozenset(f.name for f in public_fields())
 
 
 class ConfigError(ValueError):
@@ -101,8 +104,7 @@ def _accept(key: str, value: Any, where: str, accepted: dict, problems: list[str
         key = RENAMED_TRAINING_KEYS[key]
     if key in IGNORED_TRAINING_KEYS:
         return
-    known = {f.name for f in public_fields()}
-    if key in known or key in PASSTHROUGH_TRAINING_KEYS:
+    if key in SCHEMA_KEYS or key in PASSTHROUGH_TRAINING_KEYS:
         accepted[key] = (where, value)
     elif key in NOT_YET_SUPPORTED:
         parsed = _parse_text(value) if from_text else value
@@ -110,7 +112,7 @@ def _accept(key: str, value: Any, where: str, accepted: dict, problems: list[str
             problems.append(f"{where}: `{key}` is a LLaMA-Factory option tunelab does not support yet "
                             f"(remove it or set it to false/null)")
     else:
-        candidates = sorted(known | PASSTHROUGH_TRAINING_KEYS)
+        candidates = sorted(SCHEMA_KEYS | PASSTHROUGH_TRAINING_KEYS)
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         hint = f" (did you mean `{close[0]}`?)" if close else " (see `tunelab help keys`)"
         problems.append(f"{where}: unknown key `{key}`{hint}")
@@ -211,14 +213,6 @@ def _format(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems)
-
-
-def config_defaults() -> dict[str, Any]:
-    """Every public key with its default value (the docs' option table and `--help-keys` come from this)."""
-    out = {}
-    for f in public_fields():
-        out[f.name] = f.default_factory() if f.default is MISSING else f.default
-    return out
 
 
 def describe_keys() -> str:

@@ -13,8 +13,9 @@ from tunelab.data.collator import DataCollator
 from tunelab.data.loader import DatasetSplits, LoadReport, TokenStats, describe_example, load_datasets
 from tunelab.data.preview import preview
 from tunelab.data.registry import DataError, DatasetSpec, resolve_datasets
-from tunelab.data.templates import TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template
+from tunelab.data.templates import (TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template,
+                                    prepare_template)
 
 __all__ = ["TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DatasetSpec", "DatasetSplits", "LoadReport",
            "Template", "TemplateError", "TokenStats", "TokenizerTemplate", "describe_example", "get_template",
-           "load_datasets", "preview", "resolve_datasets"]
+           "load_datasets", "prepare_template", "preview", "resolve_datasets"]

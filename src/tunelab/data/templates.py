@@ -219,6 +219,16 @@ def _named_template(name: str) -> ChatTemplate:
     return TEMPLATES[name]
 
 
+def prepare_template(config: Any, tokenizer: Any) -> Template | None:
+    """The run's chat template, already applied to the tokenizer (eos, pad, chat_template), so that the tokenizer a
+    run saves renders prompts exactly as training did; None for `stage: pt`, which trains on plain text."""
+    if config.stage == "pt":
+        return None
+    template = get_template(config, tokenizer)
+    template.prepare_tokenizer(tokenizer)
+    return template
+
+
 def get_template(config: Any, tokenizer: Any) -> Template:
     """The template `config.template` names (a table name, a .yaml or .jinja file), or the tokenizer's own."""
     name = config.template

@@ -1,14 +1,10 @@
 """Continued pre-training: next-token loss on every token of plain text, concatenated and cut into cutoff_len
-chunks by the data layer. It is SFT's flow without a chat template.
+chunks by the data layer. It is SFT's flow without a chat template (`prepare_template` gives none for pt), so the
+stage is SFT's `run` itself.
 
-    tunelab train examples/pt_lora.yaml
+    tunelab train examples/smollm2_lora_pt.yaml
 """
 
-from typing import Any
+from tunelab.training.stages.sft import run
 
-from tunelab.config import Config
-from tunelab.training.stages import sft
-
-
-def run(config: Config) -> dict[str, Any]:
-    return sft.run(config, use_template=False)
+__all__ = ["run"]

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import Trainer, set_seed
 
 from tunelab.config import Config
-from tunelab.data import DataCollator, get_template, load_datasets
+from tunelab.data import DataCollator, load_datasets, prepare_template
 from tunelab.model import load_model, load_tokenizer
 from tunelab.training.arguments import build_training_arguments
 from tunelab.training.callbacks import TrainerLogCallback
@@ -19,17 +19,13 @@ from tunelab.training.output_dir import prepare_output_dir
 from tunelab.training.workflow import train_and_report
 
 
-def run(config: Config, use_template: bool = True) -> dict[str, Any]:
+def run(config: Config) -> dict[str, Any]:
     args = build_training_arguments(config)
     resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
     set_seed(config.seed)
 
     tokenizer = load_tokenizer(config)
-    template = None
-    if use_template:
-        template = get_template(config, tokenizer)
-        # The saved tokenizer then renders prompts exactly as training did, in any serving engine.
-        template.prepare_tokenizer(tokenizer)
+    template = prepare_template(config, tokenizer)
     with args.main_process_first(desc="tokenizing the datasets"):
         splits = load_datasets(config, tokenizer, template)
 
