@@ -165,6 +165,19 @@ RULE_CASES = {
     "`interleave_probs` needs `mix_strategy": {"dataset": "a,b", "interleave_probs": "0.5,0.5"},
     "one probability per dataset": {"dataset": "a,b", "mix_strategy": "interleave_under", "interleave_probs": "1.0"},
     "must add up to 1": {"dataset": "a,b", "mix_strategy": "interleave_under", "interleave_probs": "0.6,0.6"},
+    "are dpo with that `pref_loss`": {"stage": "orpo", "pref_loss": "sigmoid"},
+    "`pref_loss` applies to `stage: dpo`": {"stage": "kto", "pref_loss": "sigmoid"},
+    "`ref_model` is only read by": {"stage": "dpo", "pref_loss": "simpo", "ref_model": "m"},
+    "`ref_model_adapters` and `ref_model_quantization_bit` need": {"stage": "dpo", "ref_model_adapters": "a"},
+    "`stage: ppo` needs `reward_model`": {"stage": "ppo"},
+    "`stage: grpo` needs `reward_funcs`": {"stage": "grpo"},
+    "read by `stage: ppo` and `stage: grpo` only": {"stage": "sft", "reward_funcs": "m:f"},
+    "needs `finetuning_type: lora`; use `reward_model_type: full`": {"stage": "ppo", "reward_model": "rm",
+                                                                     "finetuning_type": "full"},
+    "`reward_model_type: api` takes an http(s) URL": {"stage": "ppo", "reward_model": "http://localhost:1/score"},
+    "apply to `reward_model_type: full`": {"stage": "ppo", "reward_model": "rm", "reward_model_adapters": "a"},
+    "have no evaluation loss": {"stage": "grpo", "reward_funcs": "m:f", "val_size": 0.1, "eval_strategy": "steps"},
+    "the other stages score whole samples": {"stage": "dpo", "packing": True},
 }
 
 
@@ -182,6 +195,13 @@ def test_every_rule_has_a_case_and_the_base_config_breaks_none():
     for rule in RULES:
         assert any(phrase in rule.message for phrase in RULE_CASES), f"untested rule: {rule.message}"
     load_config(BASE)
+
+
+def test_orpo_and_simpo_stages_are_dpo_with_their_loss():
+    assert load_config({**BASE, "stage": "orpo"}).pref_loss == "orpo"
+    assert load_config({**BASE, "stage": "simpo", "pref_loss": "simpo"}).pref_loss == "simpo"
+    assert load_config({**BASE, "stage": "dpo"}).pref_loss == "sigmoid"
+    assert load_config({**BASE, "stage": "kto"}).pref_loss is None
 
 
 def test_qlora_shorthand_and_resolved_defaults():

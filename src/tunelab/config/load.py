@@ -20,8 +20,8 @@ from tunelab.config.schema import Config, public_fields
 #: LLaMA-Factory keys tunelab knows but does not implement yet: accepted while off, refused when switched on.
 NOT_YET_SUPPORTED = {
     "use_unsloth", "enable_liger_kernel", "image_max_pixels", "image_min_pixels", "video_max_pixels",
-    "video_min_pixels", "video_fps", "freeze_vision_tower", "freeze_multi_modal_projector", "pref_beta",
-    "pref_loss", "pref_ftx", "reward_model", "ppo_epochs", "use_galore", "use_apollo", "use_badam", "pissa_init",
+    "video_min_pixels", "video_fps", "freeze_vision_tower", "freeze_multi_modal_projector", "pref_bco_weight",
+    "ld_alpha", "use_galore", "use_apollo", "use_badam", "pissa_init",
     "loraplus_lr_ratio", "shift_attn", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
     "use_llama_pro", "print_param_status", "compute_accuracy", "predict_with_generate", "do_predict",
 }

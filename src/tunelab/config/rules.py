@@ -7,7 +7,7 @@ key has its declared type, so a predicate reads plain values. Each rule has a te
 from collections.abc import Callable
 from typing import NamedTuple
 
-from tunelab.config.schema import Config
+from tunelab.config.schema import REFERENCE_LOSSES, Config
 
 
 class Rule(NamedTuple):
@@ -17,6 +17,16 @@ class Rule(NamedTuple):
 
 def _has_eval_data(c: Config) -> bool:
     return c.val_size > 0 or bool(c.eval_dataset)
+
+
+def _uses_reference(c: Config) -> bool:
+    if c.stage in ("dpo", "orpo", "simpo"):
+        return c.pref_loss in REFERENCE_LOSSES
+    return c.stage in ("kto", "ppo") or (c.stage == "grpo" and c.grpo_beta > 0)
+
+
+def _is_url(value: str | None) -> bool:
+    return bool(value) and value.startswith(("http://", "https://"))
 
 
 RULES: tuple[Rule, ...] = (
@@ -59,6 +69,34 @@ RULES: tuple[Rule, ...] = (
          "`interleave_probs` needs one probability per dataset in `dataset`"),
     Rule(lambda c: c.interleave_probs is not None and abs(sum(c.interleave_probs) - 1) > 1e-6,
          "`interleave_probs` must add up to 1"),
+    Rule(lambda c: c.stage in ("orpo", "simpo") and c.pref_loss != c.stage,
+         "`stage: orpo` and `stage: simpo` are dpo with that `pref_loss`: leave `pref_loss` out or set it to the "
+         "stage's name"),
+    Rule(lambda c: c.pref_loss is not None and c.stage not in ("dpo", "orpo", "simpo"),
+         "`pref_loss` applies to `stage: dpo` (and its shorthands orpo and simpo) only"),
+    Rule(lambda c: (c.ref_model is not None or bool(c.ref_model_adapters)) and not _uses_reference(c),
+         "`ref_model` is only read by stages that compare with a reference: dpo (sigmoid, hinge, ipo), kto, ppo, "
+         "and grpo with `grpo_beta` > 0"),
+    Rule(lambda c: (bool(c.ref_model_adapters) or c.ref_model_quantization_bit is not None) and c.ref_model is None,
+         "`ref_model_adapters` and `ref_model_quantization_bit` need `ref_model`"),
+    Rule(lambda c: c.stage == "ppo" and c.reward_model is None,
+         "`stage: ppo` needs `reward_model`: an rm adapter (reward_model_type: lora), a model (full) or a URL (api)"),
+    Rule(lambda c: c.stage == "grpo" and c.reward_model is None and not c.reward_funcs,
+         "`stage: grpo` needs `reward_funcs` (Python functions, `module:function`) or `reward_model`"),
+    Rule(lambda c: (c.reward_model is not None or bool(c.reward_funcs)) and c.stage not in ("ppo", "grpo"),
+         "`reward_model` and `reward_funcs` are read by `stage: ppo` and `stage: grpo` only"),
+    Rule(lambda c: c.reward_model is not None and c.reward_model_type == "lora" and not c.uses_lora,
+         "`reward_model_type: lora` puts the reward adapter on the policy's base model, so it needs "
+         "`finetuning_type: lora`; use `reward_model_type: full` for a separate reward model"),
+    Rule(lambda c: c.reward_model is not None and (c.reward_model_type == "api") != _is_url(c.reward_model),
+         "`reward_model_type: api` takes an http(s) URL in `reward_model`, and only that type takes a URL"),
+    Rule(lambda c: (bool(c.reward_model_adapters) or c.reward_model_quantization_bit is not None)
+         and c.reward_model_type != "full",
+         "`reward_model_adapters` and `reward_model_quantization_bit` apply to `reward_model_type: full`"),
+    Rule(lambda c: c.stage in ("ppo", "grpo") and (c.do_eval or c.eval_strategy != "no"),
+         "`stage: ppo` and `stage: grpo` have no evaluation loss: remove `do_eval` and `eval_strategy`"),
+    Rule(lambda c: c.stage not in ("pt", "sft") and (c.packing or c.neat_packing),
+         "`packing` applies to `stage: pt` and `stage: sft`: the other stages score whole samples"),
 )
 
 

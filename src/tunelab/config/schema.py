@@ -11,7 +11,11 @@ are listed in `config/passthrough.py` rather than redeclared here.
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
+#: Preference losses of the dpo stage; `stage: orpo` and `stage: simpo` are shorthands for dpo with that loss.
+PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+#: Losses that compare the policy with a reference model (orpo and simpo need none).
+REFERENCE_LOSSES = ("sigmoid", "hinge", "ipo")
 METHODS = ("full", "freeze", "lora", "qlora")
 
 
@@ -108,6 +112,63 @@ class MethodOptions:
 
 
 @dataclass
+class PreferenceOptions:
+    pref_beta: float = option(0.1, "dpo/kto: beta, how far the policy may move from the reference (orpo: lambda).",
+                              minimum=0, exclusive_minimum=True)
+    pref_ftx: float = option(0.0, "dpo/kto: weight of an added SFT loss on the chosen replies.", minimum=0)
+    pref_loss: Literal[PREFERENCE_LOSSES] | None = option(
+        None, "dpo: the loss (default sigmoid; orpo and simpo for those stages).")
+    dpo_label_smoothing: float = option(0.0, "dpo sigmoid: assumed share of flipped preference labels (cDPO).",
+                                        minimum=0, maximum=0.5)
+    simpo_gamma: float = option(0.5, "simpo: target reward margin.", minimum=0)
+    kto_chosen_weight: float = option(1.0, "kto: loss weight of desirable samples.", minimum=0)
+    kto_rejected_weight: float = option(1.0, "kto: loss weight of undesirable samples.", minimum=0)
+    ref_model: str | None = option(
+        None, "dpo/kto/ppo/grpo: reference model (default: the base model, or with LoRA the policy without adapter).")
+    ref_model_adapters: list[str] | None = option(None, "Adapters merged into ref_model (comma list).")
+    ref_model_quantization_bit: Literal[4, 8] | None = option(None, "Load ref_model in 4 or 8 bits.")
+
+
+@dataclass
+class RewardOptions:
+    reward_model: str | None = option(
+        None, "ppo/grpo: the reward model: an adapter folder (lora), a model folder (full) or a URL (api).")
+    reward_model_adapters: list[str] | None = option(None, "reward_model_type full: adapters merged into it.")
+    reward_model_quantization_bit: Literal[4, 8] | None = option(None, "Load a full reward model in 4 or 8 bits.")
+    reward_model_type: Literal["lora", "full", "api"] = option(
+        "lora", "lora: an rm adapter on the policy's base; full: a separate model; api: an HTTP endpoint.")
+    reward_funcs: list[str] | None = option(
+        None, "grpo: reward functions as `module:function` or `path/file.py:function` (comma list).")
+    ppo_buffer_size: int = option(1, "ppo: batches generated before each round of updates.", minimum=1)
+    ppo_epochs: int = option(4, "ppo: passes over each round of rollouts.", minimum=1)
+    ppo_score_norm: bool = option(False, "ppo: normalise the rewards of each round to mean 0, std 1.")
+    ppo_target: float = option(6.0, "ppo: KL the adaptive KL coefficient steers towards.", minimum=0,
+                               exclusive_minimum=True)
+    ppo_whiten_rewards: bool = option(False, "ppo: whiten the per-token rewards before computing advantages.")
+    num_generations: int = option(4, "grpo: completions generated per prompt (the group).", minimum=2)
+    grpo_beta: float = option(0.04, "grpo: weight of the KL penalty to the reference (0: no reference).", minimum=0)
+    grpo_epsilon: float = option(0.2, "grpo: clipping range of the probability ratio.", minimum=0,
+                                 exclusive_minimum=True)
+    grpo_iterations: int = option(1, "grpo: updates per batch of generations.", minimum=1)
+
+
+@dataclass
+class GenerationOptions:
+    do_sample: bool = option(True, "Sample (true) or decode greedily (false).")
+    temperature: float = option(0.95, "Sampling temperature.", minimum=0, exclusive_minimum=True)
+    top_p: float = option(0.7, "Nucleus sampling: keep the smallest set of tokens reaching this probability.",
+                          minimum=0, maximum=1, exclusive_minimum=True)
+    top_k: int = option(50, "Sample among the k most likely tokens (0: no limit).", minimum=0)
+    num_beams: int = option(1, "Beam search width (1: none).", minimum=1)
+    max_length: int = option(1024, "Longest prompt plus reply (max_new_tokens wins when set).", minimum=1)
+    max_new_tokens: int = option(1024, "Longest reply, in tokens.", minimum=1)
+    repetition_penalty: float = option(1.0, "Penalty on repeated tokens (1: none).", minimum=0,
+                                       exclusive_minimum=True)
+    length_penalty: float = option(1.0, "Beam search: exponent on the length when scoring beams.")
+    skip_special_tokens: bool = option(True, "Leave special tokens out of decoded text.")
+
+
+@dataclass
 class TrainingOptions:
     output_dir: str | None = option(None, "Where checkpoints, weights, logs and plots are written.")
     overwrite_output_dir: bool = option(False, "Start over in a non-empty output_dir (its old results are removed).")
@@ -145,7 +206,8 @@ class TrainingOptions:
 
 
 @dataclass
-class Config(ModelOptions, DataOptions, MethodOptions, TrainingOptions):
+class Config(ModelOptions, DataOptions, MethodOptions, PreferenceOptions, RewardOptions, GenerationOptions,
+             TrainingOptions):
     """Everything one tunelab run needs. Build it with `tunelab.config.load_config`, which validates it."""
 
     #: Keys of transformers' TrainingArguments that tunelab forwards without interpreting them.
@@ -157,6 +219,8 @@ class Config(ModelOptions, DataOptions, MethodOptions, TrainingOptions):
             self.lora_alpha = 2.0 * self.lora_rank
         if self.finetuning_type == "qlora" and self.quantization_bit is None:
             self.quantization_bit = 4
+        if self.pref_loss is None and self.stage in ("dpo", "orpo", "simpo"):
+            self.pref_loss = "sigmoid" if self.stage == "dpo" else self.stage
 
     @property
     def method(self) -> str:

@@ -22,7 +22,7 @@ FINISHED_MARKER = "train_results.json"
 #: Files a training run writes at the top of output_dir; `overwrite_output_dir` removes exactly these.
 RUN_OUTPUTS = re.compile(
     r"^(adapter_model\.safetensors|adapter_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-    r"|config\.json|generation_config\.json|tokenizer.*\.json|special_tokens_map\.json|chat_template\.jinja"
+    r"|value_head\.safetensors|config\.json|generation_config\.json|tokenizer.*\.json|special_tokens_map\.json|chat_template\.jinja"
     r"|vocab\.json|merges\.txt|tokenizer\.model|added_tokens\.json|training_args\.bin|trainer_state\.json"
     r"|trainer_log\.jsonl|(train|eval|all)_results\.json|training_.*\.png|README\.md|runs)$"
 )

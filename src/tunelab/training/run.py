@@ -6,10 +6,17 @@ from typing import Any
 
 from tunelab.config import Config
 
-#: stage name -> module with `run(config) -> metrics`.
+#: stage name -> module with `run(config) -> metrics`. orpo and simpo are dpo with that loss (`config.pref_loss`).
 STAGES = {
     "pt": "tunelab.training.stages.pt",
     "sft": "tunelab.training.stages.sft",
+    "rm": "tunelab.training.stages.rm",
+    "dpo": "tunelab.training.stages.dpo",
+    "orpo": "tunelab.training.stages.dpo",
+    "simpo": "tunelab.training.stages.dpo",
+    "kto": "tunelab.training.stages.kto",
+    "ppo": "tunelab.training.stages.ppo",
+    "grpo": "tunelab.training.stages.grpo",
 }
 
 
