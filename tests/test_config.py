@@ -176,6 +176,7 @@ RULE_CASES = {
                                                                      "finetuning_type": "full"},
     "`reward_model_type: api` takes an http(s) URL": {"stage": "ppo", "reward_model": "http://localhost:1/score"},
     "apply to `reward_model_type: full`": {"stage": "ppo", "reward_model": "rm", "reward_model_adapters": "a"},
+    "is `module:function` or": {"stage": "grpo", "reward_funcs": "rewards.py"},
     "have no evaluation loss": {"stage": "grpo", "reward_funcs": "m:f", "val_size": 0.1, "eval_strategy": "steps"},
     "the other stages score whole samples": {"stage": "dpo", "packing": True},
 }

@@ -4,6 +4,7 @@ Each rule is a predicate that is true when the config is *wrong*, and the messag
 key has its declared type, so a predicate reads plain values. Each rule has a test in `tests/test_config.py`.
 """
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -93,6 +94,8 @@ RULES: tuple[Rule, ...] = (
     Rule(lambda c: (bool(c.reward_model_adapters) or c.reward_model_quantization_bit is not None)
          and c.reward_model_type != "full",
          "`reward_model_adapters` and `reward_model_quantization_bit` apply to `reward_model_type: full`"),
+    Rule(lambda c: any(not re.fullmatch(r"[^:\s]+:[A-Za-z_]\w*", spec) for spec in c.reward_funcs or []),
+         "each of `reward_funcs` is `module:function` or `path/to/file.py:function`"),
     Rule(lambda c: c.stage in ("ppo", "grpo") and (c.do_eval or c.eval_strategy != "no"),
          "`stage: ppo` and `stage: grpo` have no evaluation loss: remove `do_eval` and `eval_strategy`"),
     Rule(lambda c: c.stage not in ("pt", "sft") and (c.packing or c.neat_packing),

@@ -28,7 +28,15 @@ class ValueHeadOutput(NamedTuple):
 
 
 class ValueHeadModel(torch.nn.Module):
-    """Wraps a causal LM (plain or peft) and adds a trainable linear head that maps each hidden state to a score."""
+    """Wraps a causal LM (plain or peft) and adds a trainable linear head that maps each hidden state to a score.
+
+    It answers what transformers' Trainer asks of a model (`config`, `num_parameters`, `accepts_loss_kwargs`,
+    `_keys_to_ignore_on_save`) for its backbone, so a Trainer can train it like the causal LM itself.
+    """
+
+    # The forward returns scores, not a loss: the Trainer must not pass it loss arguments (num_items_in_batch), and
+    # must itself average the loss over gradient accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, pretrained_model: "PreTrainedModel") -> None:
         super().__init__()
@@ -45,6 +53,15 @@ class ValueHeadModel(torch.nn.Module):
     def config(self) -> Any:
         return self.pretrained_model.config
 
+    @property
+    def _keys_to_ignore_on_save(self) -> Any:
+        # Read by the Trainer when a resumed checkpoint lacks keys (a tied lm_head is never saved).
+        return self.pretrained_model._keys_to_ignore_on_save
+
+    def num_parameters(self, **kwargs: Any) -> int:
+        """The backbone's count (the head adds hidden_size + 1): the Trainer's `total_flos` estimate reads it."""
+        return self.pretrained_model.num_parameters(**kwargs)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_logits: bool = False, **kwargs: Any) -> ValueHeadOutput:
         if return_logits:
@@ -59,12 +76,22 @@ class ValueHeadModel(torch.nn.Module):
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         return ValueHeadOutput(values=values, logits=logits)
 
-    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        **kwargs: Any) -> None:
+        """The backbone as it saves itself, plus value_head.safetensors.
+
+        `state_dict` is this wrapper's whole state when the Trainer gathered it from shards (DeepSpeed ZeRO-3, FSDP),
+        where the modules' own tensors are only pieces; it is split between the backbone and the head.
+        """
         from safetensors.torch import save_file
 
-        self.pretrained_model.save_pretrained(folder, **kwargs)
-        state = {_WEIGHT: self.v_head.weight.detach().float().cpu().contiguous(),
-                 _BIAS: self.v_head.bias.detach().float().cpu().contiguous()}
+        weight, bias = self.v_head.weight, self.v_head.bias
+        if state_dict is not None:
+            weight, bias = state_dict["v_head.weight"], state_dict["v_head.bias"]
+            state_dict = {name.removeprefix("pretrained_model."): tensor for name, tensor in state_dict.items()
+                          if name.startswith("pretrained_model.")}
+        self.pretrained_model.save_pretrained(folder, state_dict=state_dict, **kwargs)
+        state = {_WEIGHT: weight.detach().float().cpu().contiguous(), _BIAS: bias.detach().float().cpu().contiguous()}
         save_file(state, str(Path(folder) / VALUE_HEAD_FILE), metadata={"format": "pt"})
 
     def load_value_head(self, folder: str | Path) -> None:

@@ -36,7 +36,8 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
                 logger.info("Saved %s", path)
     if trainer.args.do_eval and trainer.eval_dataset is not None:
         metrics = trainer.evaluate(metric_key_prefix="eval")
-        if "eval_loss" in metrics:
+        # Perplexity is exp of a next-token loss; the other stages' losses are not one.
+        if "eval_loss" in metrics and config.stage in ("pt", "sft"):
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

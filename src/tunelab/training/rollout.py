@@ -1,0 +1,504 @@
+"""Online RL shared by the `ppo` and `grpo` stages: sample completions from the policy, score them, and turn rounds of
+rollouts into optimizer steps. A stage subclasses `RolloutTrainer` with only what differs: the model it trains, what
+it derives from a scored rollout (`experience`) and its loss.
+
+    tunelab train examples/smollm2_lora_ppo.yaml        # or examples/smollm2_lora_grpo.yaml
+
+The pieces, usable on their own:
+
+    rollout = generate(policy, prompt_ids, prompt_mask, generation_config, chunk_size)   # a Rollout
+    logits = model(rollout.input_ids, rollout.attention_mask, position_ids=rollout.position_ids).logits
+    logps = completion_logprobs(logits, rollout)      # [N, C]: log p of each completion token, 0 past its end
+
+How a run proceeds (`RolloutTrainer.train`):
+
+* A *step* is one round: each process takes `prompts_per_round` prompts, samples `completions_per_prompt`
+  completions of each (one micro-batch at a time), scores them, derives the stage's experience from no-grad passes,
+  then makes `passes` passes over the round's rows in shuffled micro-batches, with an optimizer step every
+  `gradient_accumulation_steps` micro-batches. `max_steps`, `logging_steps`, `save_steps`, the learning-rate
+  schedule (warm-up included) and trainer_log.jsonl count rounds.
+* Prompts come from an endless run of epochs, each a fresh shuffle (seed + epoch) split across processes as torch's
+  DistributedSampler splits it. A round reaching the end of an epoch continues into the next, so every round is full
+  and a resumed run draws the prompts the interrupted one would have. Without `max_steps` a run lasts
+  `num_train_epochs` epochs, rounded up to whole rounds.
+* Sampling uses the generation keys (`max_new_tokens`, `temperature`, `top_p`, `top_k`, `repetition_penalty`) and
+  stops at the template's stop tokens (the tokenizer's eos and the template's stop words). A completion keeps its
+  stop token; what follows is masked out. Prompts are left-padded and positions count real tokens only, so padding
+  changes no log-probability. Log-probabilities (policy, old policy, reference) are taken at the sampling
+  temperature, as TRL takes them; top_p and top_k truncation is not modelled, so `top_p: 1` and `top_k: 0` keep the
+  updates exactly on-policy.
+* checkpoint-N holds the policy as it saves itself (adapter or full weights, value_head.safetensors for ppo), the
+  tokenizer, optimizer.pt, scheduler.pt, rng_state_<rank>.pth, trainer_state.json and stage_state.json (ppo's KL
+  coefficient and score statistics). At the end output_dir gets the policy and tokenizer, trainer_state.json,
+  train_results.json and all_results.json, and with `plot_loss` the curves.
+* One code path for 1..N processes: accelerate wraps the trained model in DDP (the optimizer and scheduler come from
+  the training arguments, as the Trainer's do); generation, scoring and the reference run on each process's own
+  rollouts.
+"""
+
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from safetensors.torch import load_file
+from torch.utils.data.distributed import DistributedSampler
+from transformers import (GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerControl,
+                          TrainerState, TrainingArguments, get_scheduler, set_seed)
+
+from tunelab.config import Config, ConfigError
+from tunelab.data import load_datasets, prepare_template
+from tunelab.data.processing import IGNORE_INDEX
+from tunelab.model import load_model, load_tokenizer
+from tunelab.model.frozen import load_reference_model
+from tunelab.model.value_head import ValueHeadModel
+from tunelab.training.arguments import build_training_arguments
+from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.logprobs import token_logprobs
+from tunelab.training.output_dir import prepare_output_dir
+from tunelab.training.plotting import plot_metrics
+from tunelab.training.rewards import RewardScorer, build_reward_scorer, reward_functions
+
+logger = logging.getLogger(__name__)
+
+STAGE_STATE = "stage_state.json"
+
+
+# ---- rollouts ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Prompts (left-padded) and their sampled completions (right-padded), one row each."""
+
+    prompt_ids: torch.Tensor        # [N, P]
+    prompt_mask: torch.Tensor       # [N, P]: 0 on the left padding
+    completion_ids: torch.Tensor    # [N, C]
+    completion_mask: torch.Tensor   # [N, C]: 1 up to and including the first stop token
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> "Rollout":
+        return Rollout(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        # Real tokens only are counted, as generate() counts them, so a left-padded prompt sits where it would alone.
+        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 on each completion's tokens up to and including its first stop token, 0 after it."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device)).long()
+    stops_before = is_stop.cumsum(dim=1) - is_stop
+    return (stops_before == 0).long()
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside, the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(policy: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             generation_config: GenerationConfig, chunk_size: int) -> Rollout:
+    """Sample one completion per (left-padded) prompt row, `chunk_size` rows at a time, in eval mode."""
+    pieces = []
+    with evaluating(policy):
+        for start in range(0, len(prompt_ids), chunk_size):
+            out = policy.generate(input_ids=prompt_ids[start:start + chunk_size],
+                                  attention_mask=prompt_mask[start:start + chunk_size],
+                                  generation_config=generation_config)
+            pieces.append(out[:, prompt_ids.shape[1]:])
+    width = max(piece.shape[1] for piece in pieces)
+    completion_ids = torch.cat([F.pad(piece, (0, width - piece.shape[1]), value=generation_config.pad_token_id)
+                                for piece in pieces])
+    mask = completion_mask(completion_ids, generation_config.eos_token_id)
+    # Columns past the longest completion hold nothing but padding.
+    width = int(mask.sum(dim=1).max())
+    return Rollout(prompt_ids, prompt_mask, completion_ids[:, :width], mask[:, :width])
+
+
+def completion_logprobs(logits: torch.Tensor, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """[N, C] log p of each completion token, 0 past each completion's end.
+
+    `logits` are a model's output for `rollout.input_ids`, or only its last C + 1 positions (`logits_to_keep`).
+    With the sampling `temperature` they are the log-probabilities of the distribution the tokens were drawn from.
+    """
+    width = rollout.completion_ids.shape[1]
+    if temperature != 1.0:
+        logits = logits[:, -(width + 1):] / temperature
+    labels = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, IGNORE_INDEX)
+    # token_logprobs takes the log-probability of labels[t] from logits[t - 1]: lead with the last prompt position.
+    labels = F.pad(labels, (1, 0), value=IGNORE_INDEX)
+    return token_logprobs(logits[:, -(width + 1):], labels)[:, 1:]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (values * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Scale the masked values to variance 1 (and mean 0 with `shift_mean`); 0 outside the mask."""
+    mean = masked_mean(values, mask)
+    whitened = (values - mean) * torch.rsqrt(masked_mean((values - mean) ** 2, mask) + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def generation_settings(config: Config, tokenizer: PreTrainedTokenizerBase, template: Any) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=True, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        top_k=config.top_k, repetition_penalty=config.repetition_penalty,
+        eos_token_id=template.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+class PromptStream:
+    """One process's prompts, round by round, from an endless run of shuffled epochs (see the module docstring)."""
+
+    def __init__(self, dataset: Any, per_round: int, seed: int, rank: int, world_size: int) -> None:
+        self.dataset = dataset
+        self.per_round = per_round
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self._epoch, self._order = -1, []
+
+    @property
+    def rounds_per_epoch(self) -> float:
+        return len(self.sampler) / self.per_round
+
+    def round(self, step: int) -> dict[str, list]:
+        return self.dataset[[self._index(i) for i in range(step * self.per_round, (step + 1) * self.per_round)]]
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.sampler))
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, list(self.sampler)
+        return self._order[offset]
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+
+class RolloutTrainer:
+    """The loop both stages share. A stage subclass sets `plot_keys`, `completions_per_prompt` and `passes` (from its
+    config keys), and defines `uses_reference`, `prompts_per_round`, `wrap_policy`, `experience` and `loss` (and
+    `state_dict` / `load_state_dict` when it has state of its own)."""
+
+    #: completions sampled from each prompt (grpo: the group)
+    completions_per_prompt = 1
+    #: passes over each round's rows (ppo_epochs, grpo_iterations)
+    passes = 1
+    plot_keys: tuple[str, ...] = ("loss", "reward")
+
+    def __init__(self, config: Config, args: TrainingArguments, policy: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig, dataset: Any,
+                 scorer: RewardScorer, reference: PreTrainedModel | None) -> None:
+        self.config, self.args, self.tokenizer = config, args, tokenizer
+        self.policy, self.reference, self.scorer = policy, reference, scorer
+        self.generation_config = generation_config
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=precision, cpu=args.use_cpu,
+            # Frozen weights never get gradients; with unused-parameter search DDP would look for them every step.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        self.micro_batch = args.per_device_train_batch_size * self.completions_per_prompt
+        self.prompts = PromptStream(dataset, self.prompts_per_round(config), config.seed,
+                                    self.accelerator.process_index, self.accelerator.num_processes)
+        self.total_steps = (args.max_steps if args.max_steps > 0
+                            else math.ceil(args.num_train_epochs * self.prompts.rounds_per_epoch))
+
+        model = self.wrap_policy(policy)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        optimizer = optimizer_class([{"params": trainable, "weight_decay": args.weight_decay}], **optimizer_kwargs)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The schedule counts rounds; it is stepped once per round, so accelerate does not wrap it.
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=args.get_warmup_steps(self.total_steps),
+                                       num_training_steps=self.total_steps,
+                                       scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        for frozen in (reference, *scorer.models()):
+            # Quantized models were loaded onto their device and cannot move.
+            if frozen is not None and not any(getattr(m, "is_quantized", False) for m in frozen.modules()):
+                frozen.to(self.accelerator.device)
+
+        main = self.accelerator.is_main_process
+        self.state = TrainerState(max_steps=self.total_steps, train_batch_size=args.per_device_train_batch_size,
+                                  num_train_epochs=math.ceil(self.total_steps / self.prompts.rounds_per_epoch),
+                                  is_local_process_zero=self.accelerator.is_local_main_process,
+                                  is_world_process_zero=main)
+        self.log_callback = TrainerLogCallback()
+
+    # What a stage defines.
+    @classmethod
+    def uses_reference(cls, config: Config) -> bool:
+        return True
+
+    @classmethod
+    def prompts_per_round(cls, config: Config) -> int:
+        return config.per_device_train_batch_size * config.gradient_accumulation_steps
+
+    def wrap_policy(self, policy: PreTrainedModel) -> torch.nn.Module:
+        return policy
+
+    def experience(self, rollout: Rollout, scores: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        raise NotImplementedError
+
+    def loss(self, rollout: Rollout, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        pass
+
+    # Forward passes the stages share.
+    def forward(self, model: torch.nn.Module, rollout: Rollout, **kwargs: Any) -> Any:
+        """`model` on the rollout's sequences; logits only where completion tokens are predicted."""
+        return model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                     position_ids=rollout.position_ids, logits_to_keep=rollout.completion_ids.shape[1] + 1, **kwargs)
+
+    def logprobs(self, logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """Completion log-probabilities under the sampling distribution (`temperature` applied)."""
+        return completion_logprobs(logits, rollout, self.config.temperature)
+
+    def micro_batches(self, rollout: Rollout) -> Iterator[Rollout]:
+        for start in range(0, len(rollout), self.micro_batch):
+            yield rollout[start:start + self.micro_batch]
+
+    @torch.no_grad()
+    def no_grad_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Completion log-probabilities under `model` (unwrapped), a micro-batch at a time."""
+        with self.accelerator.autocast():
+            return torch.cat([self.logprobs(self.forward(model, part).logits, part)
+                              for part in self.micro_batches(rollout)])
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """Completion log-probabilities under the reference: its own model, or the policy with its adapter off."""
+        if self.reference is not None:
+            return self.no_grad_logprobs(self.reference, rollout)
+        with self.policy.disable_adapter():
+            return self.no_grad_logprobs(self.policy, rollout)
+
+    # The loop.
+    def train(self, resume_from: str | None) -> dict[str, Any]:
+        if resume_from is not None:
+            self._load_checkpoint(Path(resume_from))
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        control = TrainerControl()
+        self.log_callback.on_train_begin(self.args, self.state, control)
+        started, first_step = time.time(), self.state.global_step
+        log_every, save_every = self._every(self.args.logging_steps), self._every(self.args.save_steps)
+        window: dict[str, list[float]] = defaultdict(list)
+        for step in range(first_step, self.total_steps):
+            for name, value in self._round(step).items():
+                window[name].append(value)
+            self.scheduler.step()
+            epoch_before = self.state.epoch
+            self.state.global_step = step + 1
+            self.state.epoch = (step + 1) / self.prompts.rounds_per_epoch
+            if (step + 1) % log_every == 0 or step + 1 == self.total_steps:
+                self._log(window, control)
+                window.clear()
+            strategy = self.args.save_strategy
+            if ((strategy == "steps" and (step + 1) % save_every == 0)
+                    or (strategy == "epoch" and int(self.state.epoch) > int(epoch_before))):
+                self._save_checkpoint()
+        return self._finish(time.time() - started, self.state.global_step - first_step)
+
+    def _every(self, value: float) -> int:
+        """logging_steps / save_steps: a count of rounds, or below 1 a share of the run."""
+        return max(1, math.ceil(self.total_steps * value) if value < 1 else int(value))
+
+    def _round(self, step: int) -> dict[str, float]:
+        batch = self.prompts.round(step)
+        repeat = self.completions_per_prompt
+        prompts = [ids for ids in batch["input_ids"] for _ in range(repeat)]
+        answers = [ids for ids in batch["labels"] for _ in range(repeat)]
+        padded = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        padded = padded.to(self.accelerator.device)
+        with self.accelerator.autocast():
+            rollout = generate(self.policy, padded["input_ids"], padded["attention_mask"], self.generation_config,
+                               self.micro_batch)
+            with evaluating(self.model):
+                scores, metrics = self.scorer(rollout, answers)
+        metrics["reward"] = scores.mean().item()
+        tensors, experience_metrics = self.experience(rollout, scores)
+        metrics.update(experience_metrics)
+
+        losses: dict[str, list[float]] = defaultdict(list)
+        for _ in range(self.passes):
+            for rows in torch.randperm(len(rollout)).split(self.micro_batch):
+                with self.accelerator.accumulate(self.model):
+                    loss, loss_metrics = self.loss(rollout[rows], {k: v[rows] for k, v in tensors.items()})
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients and self.args.max_grad_norm > 0:
+                        losses["grad_norm"].append(float(self.accelerator.clip_grad_norm_(
+                            self.model.parameters(), self.args.max_grad_norm)))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                for name, value in loss_metrics.items():
+                    losses[name].append(float(value))
+        tokens = self.accelerator.gather(rollout.attention_mask.sum().reshape(1)).sum()
+        self.state.num_input_tokens_seen += int(tokens)
+        return metrics | {name: sum(values) / len(values) for name, values in losses.items()}
+
+    def _log(self, window: dict[str, list[float]], control: TrainerControl) -> None:
+        names = sorted(window)
+        means = torch.tensor([sum(window[n]) / len(window[n]) for n in names], device=self.accelerator.device)
+        means = self.accelerator.reduce(means, reduction="mean")
+        logs = {name: round(value, 6) for name, value in zip(names, means.tolist())}
+        logs.update(learning_rate=self.scheduler.get_last_lr()[0], epoch=round(self.state.epoch, 4))
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.log_callback.on_log(self.args, self.state, control, logs=logs)
+        if self.accelerator.is_main_process:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if "/" not in k and k != "epoch")
+            logger.info("step %d/%d: %s", self.state.global_step, self.total_steps, shown)
+
+    # Saving and resuming.
+    def _save_model(self, folder: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        # Only the trained adapter: a reward adapter beside it (reward_model_type: lora) belongs to the rm run.
+        kwargs = {"selected_adapters": [self.policy.active_adapter]} if hasattr(self.policy, "peft_config") else {}
+        model.save_pretrained(folder, **kwargs)
+        self.tokenizer.save_pretrained(folder)
+
+    def _save_checkpoint(self) -> None:
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.accelerator.is_main_process:
+            self._save_model(folder)
+            if not self.args.save_only_model:
+                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+            (folder / STAGE_STATE).write_text(json.dumps(self.state_dict()), encoding="utf-8")
+        self.accelerator.wait_for_everyone()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, folder / f"rng_state_{self.accelerator.process_index}.pth")
+        self.accelerator.wait_for_everyone()
+        logger.info("saved %s", folder)
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        if not (folder / "optimizer.pt").is_file():
+            raise ConfigError(f"checkpoint {folder} has no optimizer state (was it saved with `save_only_model`?): "
+                              f"it cannot be resumed")
+        if hasattr(self.policy, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            weights = load_file(folder / "adapter_model.safetensors")
+            result = set_peft_model_state_dict(self.policy, weights, adapter_name=self.policy.active_adapter)
+        else:
+            weights = {k: v for path in sorted(folder.glob("model*.safetensors")) for k, v in load_file(path).items()}
+            # Not strict: a tied output head is saved once, under the embeddings' name.
+            result = self.policy.load_state_dict(weights, strict=False)
+        if not weights or result.unexpected_keys:
+            raise ConfigError(f"`resume_from_checkpoint`: the weights in {folder} do not fit this model "
+                              f"(unexpected: {', '.join(result.unexpected_keys[:5]) if weights else 'no weights'})")
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, ValueHeadModel):
+            model.load_value_head(folder)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        saved = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+        self.state.global_step, self.state.epoch = saved.global_step, saved.epoch
+        self.state.log_history, self.state.num_input_tokens_seen = saved.log_history, saved.num_input_tokens_seen
+        self.load_state_dict(json.loads((folder / STAGE_STATE).read_text(encoding="utf-8")))
+        rng_path = folder / f"rng_state_{self.accelerator.process_index}.pth"
+        if rng_path.is_file():
+            rng = torch.load(rng_path, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            logger.warning("%s has no %s (saved with another number of processes): sampling continues with fresh "
+                           "random numbers", folder, rng_path.name)
+        logger.info("resumed from %s at step %d", folder, self.state.global_step)
+
+    def _finish(self, runtime: float, steps_run: int) -> dict[str, Any]:
+        output_dir = Path(self.args.output_dir)
+        rows_per_step = self.prompts.per_round * self.completions_per_prompt * self.accelerator.num_processes
+        losses = [r["loss"] for r in self.state.log_history if "loss" in r]
+        metrics = {
+            "epoch": self.state.epoch,
+            "num_input_tokens_seen": self.state.num_input_tokens_seen,
+            "train_loss": sum(losses) / len(losses) if losses else 0.0,
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(steps_run * rows_per_step / max(runtime, 1e-9), 3),
+            "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
+        }
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._save_model(output_dir)
+            self.state.save_to_json(str(output_dir / "trainer_state.json"))
+            for name in ("train_results.json", "all_results.json"):
+                (output_dir / name).write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+            if self.config.plot_loss:
+                for path in plot_metrics(output_dir, self.plot_keys):
+                    logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+
+def check_rollout_config(config: Config) -> None:
+    """What the ppo and grpo loop cannot do, refused before anything loads."""
+    stage = f"stage {config.stage}"
+    if not config.do_sample or config.num_beams > 1:
+        raise ConfigError(f"{stage} learns from sampled completions: set `do_sample: true` and `num_beams: 1`")
+    if config.streaming:
+        raise ConfigError(f"`streaming` is not supported by {stage}: its prompts are drawn from shuffled epochs")
+    if config.save_strategy == "best":
+        raise ConfigError(f"`save_strategy: best` needs an evaluation metric, which {stage} has not")
+    if config.extra_training_args.get("deepspeed") or config.extra_training_args.get("fsdp"):
+        raise ConfigError(f"{stage} runs its own loop on accelerate with DDP: `deepspeed` and `fsdp` are not "
+                          f"supported")
+
+
+def run_rollout_stage(config: Config, trainer_class: type[RolloutTrainer]) -> dict[str, Any]:
+    """The flow of both stages: checks -> training arguments -> output_dir policy -> tokenizer and template ->
+    prompts -> policy, reference and reward sources -> trainer -> train, save, plot."""
+    check_rollout_config(config)
+    functions = reward_functions(config)
+    args = build_training_arguments(config)
+    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
+    set_seed(config.seed)
+
+    tokenizer = load_tokenizer(config)
+    template = prepare_template(config, tokenizer)
+    with args.main_process_first(desc="tokenizing the datasets"):
+        splits = load_datasets(config, tokenizer, template)
+
+    policy = load_model(config, tokenizer, trainable=True)
+    reference = load_reference_model(config, tokenizer) if trainer_class.uses_reference(config) else None
+    scorer = build_reward_scorer(config, tokenizer, policy, functions, chunk_size=config.per_device_train_batch_size)
+    trainer = trainer_class(config, args, policy, tokenizer, generation_settings(config, tokenizer, template),
+                            splits.train, scorer, reference)
+    return trainer.train(resume_from)

@@ -1,0 +1,219 @@
+"""Direct preference optimisation and its relatives: learn from pairs of a chosen and a rejected reply.
+
+    tunelab train examples/smollm2_lora_dpo.yaml     # stage: dpo, pref_loss: sigmoid (hinge, ipo, orpo, simpo)
+    tunelab train examples/smollm2_lora_orpo.yaml    # stage: orpo, the same as dpo with pref_loss: orpo
+
+Each batch of B pairs is 2B rows, the chosen replies first (`PairCollator`). One forward of the policy scores them
+all; one forward of the reference model (without gradients) likewise; `preference_losses` turns the log-probs of the
+reply tokens into one loss per pair. The reference is `ref_model` when given; with LoRA and no `ref_model` it is the
+policy with its adapter switched off (no second copy in memory); otherwise a frozen copy of the starting model
+(`model.frozen.load_reference_model`). orpo and simpo need none. `pref_ftx` adds an SFT loss on the chosen reply.
+
+Logged per step, as LLaMA-Factory logs them: rewards/chosen, rewards/rejected (beta x log-ratio, or beta x average
+log-prob for orpo and simpo), rewards/accuracies, rewards/margins, logps/*, logits/* (mean logit over the reply).
+
+The flow is SFT's: arguments, output_dir, tokenizer and template, data, model, then also the reference, Trainer,
+train and report. `PreferenceTrainer` and `prepare_run` are shared with the kto stage.
+"""
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
+
+from tunelab.config import Config, ConfigError
+from tunelab.config.schema import REFERENCE_LOSSES
+from tunelab.data import DataCollator, DatasetSplits, load_datasets, prepare_template
+from tunelab.data.processing import IGNORE_INDEX
+from tunelab.model import load_model, load_tokenizer
+from tunelab.model.frozen import load_reference_model
+from tunelab.training.arguments import build_training_arguments
+from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.logprobs import sequence_logprobs
+from tunelab.training.metrics_trainer import MetricsTrainer
+from tunelab.training.output_dir import prepare_output_dir
+from tunelab.training.preference_losses import (AVERAGED_LOSSES, dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss,
+                                                orpo_loss, simpo_loss)
+from tunelab.training.workflow import train_and_report
+
+logger = logging.getLogger(__name__)
+
+#: pref_loss -> its function of (chosen, rejected): log-ratios for the reference losses, log-probs for orpo/simpo.
+LOSSES = {"sigmoid": dpo_sigmoid_loss, "hinge": dpo_hinge_loss, "ipo": ipo_loss, "orpo": orpo_loss,
+          "simpo": simpo_loss}
+PLOT_KEYS = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+def logits_of(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    # No KV cache: a frozen reference is loaded for inference, where transformers would otherwise build one.
+    return model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
+
+
+def mean_reply_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean logit (over the vocabulary) at the positions that predict a reply token."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    per_position = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
+    return (per_position * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+
+
+class PreferenceTrainer(MetricsTrainer):
+    """What the dpo and kto trainers share: the reference model's log-probs, dropout off, a loss in evaluation.
+
+    `reference` is a frozen model, or None: then the policy with its LoRA adapter switched off serves as one (or,
+    for orpo and simpo, none is used).
+    """
+
+    # compute_loss returns this batch's mean, so the Trainer must divide it by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, reference: PreTrainedModel | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+        # The reference is not wrapped by DDP (it has no gradients to synchronise), so it is placed here; quantized
+        # weights were placed on their device when loaded and cannot move. Under DeepSpeed each process holds it whole.
+        if reference is not None and getattr(reference, "hf_quantizer", None) is None:
+            reference.to(self.args.device)
+        # Dropout makes the policy's log-probs noisy where the reference's are not, so an untrained policy would not
+        # score log-ratios of 0; TRL and LLaMA-Factory switch it off for preference training too.
+        dropouts = [m for model in (self.model, reference) if model is not None for m in model.modules()
+                    if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if dropouts:
+            logger.info("preference training: %d dropout layers switched off (lora_dropout included)", len(dropouts))
+        for module in dropouts:
+            module.p = 0.0
+
+    @torch.no_grad()
+    def reference_logprobs(self, model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log-probs of the rows' labels under the reference model."""
+        if self.reference is not None:
+            return sequence_logprobs(logits_of(self.reference, rows), rows["labels"])[0]
+        from peft import PeftModel
+
+        policy = self.accelerator.unwrap_model(model)
+        # Without training (do_eval alone) the adapters are merged and nothing is left to switch off: the model is
+        # the starting point, hence its own reference.
+        adapter_off = policy.disable_adapter() if isinstance(policy, PeftModel) else nullcontext()
+        with adapter_off:
+            return sequence_logprobs(logits_of(policy, rows), rows["labels"])[0]
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        # The Trainer's own step computes a loss only for batches with its label columns; ours always has one.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+class DPOTrainer(PreferenceTrainer):
+    """The dpo stage's trainer: batches from `PairCollator`, the loss `config.pref_loss`."""
+
+    def __init__(self, *args: Any, config: Config, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.beta = config.pref_beta
+        # orpo's loss already holds an SFT term (check_preference_keys refuses pref_ftx with it).
+        self.ftx = config.pref_ftx
+        self.uses_reference = config.pref_loss in REFERENCE_LOSSES
+        self.averaged = config.pref_loss in AVERAGED_LOSSES
+        extra = {"sigmoid": {"label_smoothing": config.dpo_label_smoothing},
+                 "simpo": {"gamma": config.simpo_gamma}}.get(config.pref_loss, {})
+        self.loss_fn = partial(LOSSES[config.pref_loss], beta=config.pref_beta, **extra)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        logits = logits_of(model, inputs)
+        sums, counts = sequence_logprobs(logits, inputs["labels"])
+        counts = counts.clamp(min=1)
+        averages = sums / counts
+        policy = averages if self.averaged else sums
+        scores = policy
+        if self.uses_reference:
+            reference = self.reference_logprobs(model, inputs)
+            scores = policy - (reference / counts if self.averaged else reference)
+        chosen, rejected = scores.chunk(2)
+        losses = self.loss_fn(chosen, rejected)
+        if self.ftx > 0:
+            losses = losses - self.ftx * averages.chunk(2)[0]
+
+        rewards_chosen, rewards_rejected = (self.beta * scores.detach()).chunk(2)
+        logps_chosen, logps_rejected = policy.detach().chunk(2)
+        logits_chosen, logits_rejected = mean_reply_logits(logits, inputs["labels"]).chunk(2)
+        self.record({"rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
+                     "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
+                     "rewards/margins": rewards_chosen - rewards_rejected,
+                     "logps/chosen": logps_chosen, "logps/rejected": logps_rejected,
+                     "logits/chosen": logits_chosen, "logits/rejected": logits_rejected})
+        loss = losses.mean()
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+class PairCollator:
+    """B preference pairs -> one batch of 2B rows (the B chosen sequences, then the B rejected ones), padded to one
+    length, so the policy scores both in one forward."""
+
+    def __init__(self, collator: DataCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [{name: row[f"{side}_{name}"] for name in SEQUENCE_COLUMNS}
+                for side in ("chosen", "rejected") for row in features]
+        return self.collator(rows)
+
+
+def check_preference_keys(config: Config) -> None:
+    """Refuse preference keys that this run's loss would silently ignore (before anything loads)."""
+    this_run = f"`pref_loss: {config.pref_loss}`" if config.pref_loss else f"`stage: {config.stage}`"
+    if config.dpo_label_smoothing > 0 and config.pref_loss != "sigmoid":
+        raise ConfigError(f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not to {this_run}")
+    if config.pref_ftx > 0 and config.pref_loss == "orpo":
+        raise ConfigError("`pref_ftx` does not apply to orpo: its loss already holds the SFT term (weight 1), and "
+                          "`pref_beta` weighs the odds-ratio term against it")
+    if (config.kto_chosen_weight, config.kto_rejected_weight) != (1.0, 1.0) and config.stage != "kto":
+        raise ConfigError(f"`kto_chosen_weight` and `kto_rejected_weight` apply to `stage: kto` only, not to "
+                          f"{this_run}")
+
+
+@dataclass
+class PreparedRun:
+    """Everything a preference stage builds before its Trainer."""
+
+    args: TrainingArguments
+    resume_from: str | None
+    tokenizer: PreTrainedTokenizerBase
+    splits: DatasetSplits
+    model: PreTrainedModel
+    reference: PreTrainedModel | None     # None: no reference, or the policy with its adapter switched off
+    collator: DataCollator
+
+
+def prepare_run(config: Config, needs_reference: bool) -> PreparedRun:
+    args = build_training_arguments(config)
+    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
+    set_seed(config.seed)
+
+    tokenizer = load_tokenizer(config)
+    template = prepare_template(config, tokenizer)
+    with args.main_process_first(desc="tokenizing the datasets"):
+        splits = load_datasets(config, tokenizer, template)
+
+    model = load_model(config, tokenizer, trainable=config.do_train)
+    model.config.use_cache = False
+    reference = load_reference_model(config, tokenizer) if needs_reference else None
+    # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
+    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
+    return PreparedRun(args, resume_from, tokenizer, splits, model, reference, collator)
+
+
+def run(config: Config) -> dict[str, Any]:
+    check_preference_keys(config)
+    prepared = prepare_run(config, needs_reference=config.pref_loss in REFERENCE_LOSSES)
+    trainer = DPOTrainer(model=prepared.model, reference=prepared.reference, config=config, args=prepared.args,
+                         train_dataset=prepared.splits.train, eval_dataset=prepared.splits.eval,
+                         data_collator=PairCollator(prepared.collator), processing_class=prepared.tokenizer,
+                         callbacks=[TrainerLogCallback()])
+    return train_and_report(trainer, config, prepared.resume_from, PLOT_KEYS)
