@@ -141,7 +141,7 @@ class RewardOptions:
         None, "grpo: reward functions as `module:function` or `path/file.py:function` (comma list).")
     ppo_buffer_size: int = option(1, "ppo: batches generated before each round of updates.", minimum=1)
     ppo_epochs: int = option(4, "ppo: passes over each round of rollouts.", minimum=1)
-    ppo_score_norm: bool = option(False, "ppo: normalise the rewards of each round to mean 0, std 1.")
+    ppo_score_norm: bool = option(False, "ppo: normalise the scores by their running mean and std.")
     ppo_target: float = option(6.0, "ppo: KL the adaptive KL coefficient steers towards.", minimum=0,
                                exclusive_minimum=True)
     ppo_whiten_rewards: bool = option(False, "ppo: whiten the per-token rewards before computing advantages.")

@@ -234,6 +234,8 @@ class RolloutTrainer:
 
         model = self.wrap_policy(policy)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        # The optimizer the Trainer would build for `optim`; one parameter group, so unlike the Trainer's a nonzero
+        # weight_decay also reaches biases and norms (the default, 0, makes no difference).
         optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         optimizer = optimizer_class([{"params": trainable, "weight_decay": args.weight_decay}], **optimizer_kwargs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
