@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tunelab.config import load_config
-from tunelab.data import DataCollator, load_datasets, prepare_template
+from tunelab.data import DataCollator, PairwiseCollator, load_datasets, prepare_template
 from tunelab.model import load_tokenizer
 from tunelab.training.arguments import build_training_arguments
 from tunelab.training.preference_losses import (dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss, kto_loss, orpo_loss,
                                                 simpo_loss)
-from tunelab.training.stages.dpo import DPOTrainer, PairCollator
+from tunelab.training.stages.dpo import DPOTrainer
 from tunelab.training.stages.kto import KTOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,10 +149,10 @@ def build(tiny_model_dir, tmp_path, **overrides):
 def test_dpo_trainer_loss_on_a_batch_matches_an_independent_computation(tiny_model_dir, tmp_path, overrides):
     config, tokenizer, train, policy, reference = build(tiny_model_dir, tmp_path, dataset="dpo_demo",
                                                          **{"stage": "dpo", **overrides})
-    batch = PairCollator(DataCollator(tokenizer))([train[i] for i in range(4)])
+    batch = PairwiseCollator(tokenizer)([train[i] for i in range(4)])
     uses_reference = config.pref_loss in ("sigmoid", "hinge", "ipo")
     trainer = DPOTrainer(model=policy, reference=reference if uses_reference else None, config=config,
-                         args=build_training_arguments(config), data_collator=PairCollator(DataCollator(tokenizer)),
+                         args=build_training_arguments(config), data_collator=PairwiseCollator(tokenizer),
                          processing_class=tokenizer)
     loss = trainer.compute_loss(policy, batch).item()
 

@@ -23,7 +23,7 @@ from tunelab.data import load_datasets, prepare_template
 from tunelab.model import load_tokenizer
 from tunelab.model.frozen import load_full_reward_model
 from tunelab.model.value_head import ValueHeadModel, last_token_scores
-from tunelab.training.stages.rm import PairwiseCollator
+from tunelab.data import PairwiseCollator
 
 LF_DATA = REPO.parent / "shared" / "lf_data"
 

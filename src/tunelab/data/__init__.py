@@ -9,13 +9,13 @@
 Nothing heavy is imported here: `datasets` and `transformers` load inside the functions that need them.
 """
 
-from tunelab.data.collator import DataCollator
+from tunelab.data.collator import DataCollator, PairwiseCollator
 from tunelab.data.loader import DatasetSplits, LoadReport, TokenStats, describe_example, load_datasets
 from tunelab.data.preview import preview
 from tunelab.data.registry import DataError, DatasetSpec, resolve_datasets
 from tunelab.data.templates import (TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template,
                                     prepare_template)
 
-__all__ = ["TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DatasetSpec", "DatasetSplits", "LoadReport",
+__all__ = ["TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DatasetSpec", "DatasetSplits", "LoadReport", "PairwiseCollator",
            "Template", "TemplateError", "TokenStats", "TokenizerTemplate", "describe_example", "get_template",
            "load_datasets", "prepare_template", "preview", "resolve_datasets"]

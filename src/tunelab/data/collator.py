@@ -60,3 +60,16 @@ class DataCollator:
         left = self.tokenizer.padding_side == "left"
         return [[value] * (length - len(row)) + list(row) if left else list(row) + [value] * (length - len(row))
                 for row in rows]
+
+
+class PairwiseCollator:
+    """B preference pairs -> one batch of 2B rows: the B chosen sequences, then the B rejected ones, all padded to one
+    length, so a single forward pass scores both sides of every pair (rm, dpo)."""
+
+    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
+        self.pad = DataCollator(tokenizer, pad_to_multiple_of)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [{name: row[side + name] for name in ("input_ids", "attention_mask", "labels")}
+                for side in ("chosen_", "rejected_") for row in features]
+        return self.pad(rows)

@@ -56,20 +56,18 @@ from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file
 from torch.utils.data.distributed import DistributedSampler
 from transformers import (GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerControl,
-                          TrainerState, TrainingArguments, get_scheduler, set_seed)
+                          TrainerState, TrainingArguments, get_scheduler)
 
 from tunelab.config import Config, ConfigError
-from tunelab.data import load_datasets, prepare_template
 from tunelab.data.processing import IGNORE_INDEX
-from tunelab.model import load_model, load_tokenizer
+from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.model.value_head import ValueHeadModel
-from tunelab.training.arguments import build_training_arguments
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.logprobs import token_logprobs
-from tunelab.training.output_dir import prepare_output_dir
 from tunelab.training.plotting import plot_metrics
 from tunelab.training.rewards import RewardScorer, build_reward_scorer, reward_functions
+from tunelab.training.workflow import start_run
 
 logger = logging.getLogger(__name__)
 
@@ -489,14 +487,9 @@ def run_rollout_stage(config: Config, trainer_class: type[RolloutTrainer]) -> di
     prompts -> policy, reference and reward sources -> trainer -> train, save, plot."""
     check_rollout_config(config)
     functions = reward_functions(config)
-    args = build_training_arguments(config)
-    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
-    set_seed(config.seed)
-
-    tokenizer = load_tokenizer(config)
-    template = prepare_template(config, tokenizer)
-    with args.main_process_first(desc="tokenizing the datasets"):
-        splits = load_datasets(config, tokenizer, template)
+    start = start_run(config)
+    args, resume_from, tokenizer, template, splits = (start.args, start.resume_from, start.tokenizer, start.template,
+                                                      start.splits)
 
     policy = load_model(config, tokenizer, trainable=True)
     reference = load_reference_model(config, tokenizer) if trainer_class.uses_reference(config) else None

@@ -2,14 +2,43 @@
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from transformers import Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from tunelab.config import Config
+from tunelab.data import DatasetSplits, Template, load_datasets, prepare_template
+from tunelab.model import load_tokenizer
+from tunelab.training.arguments import build_training_arguments
+from tunelab.training.output_dir import prepare_output_dir
 from tunelab.training.plotting import plot_metrics
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStart:
+    """What every stage builds before its model: arguments, where to resume from, tokenizer, template, data."""
+
+    args: TrainingArguments
+    resume_from: str | None
+    tokenizer: PreTrainedTokenizerBase
+    template: Template | None
+    splits: DatasetSplits
+
+
+def start_run(config: Config) -> RunStart:
+    """Training arguments (bad values stop the run before anything loads) -> output_dir policy -> seed ->
+    tokenizer and chat template -> tokenized datasets (by the main process first, the others read its cache)."""
+    args = build_training_arguments(config)
+    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config)
+    template = prepare_template(config, tokenizer)
+    with args.main_process_first(desc="tokenizing the datasets"):
+        splits = load_datasets(config, tokenizer, template)
+    return RunStart(args, resume_from, tokenizer, template, splits)
 
 
 def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,

@@ -3,7 +3,7 @@
     tunelab train examples/smollm2_lora_dpo.yaml     # stage: dpo, pref_loss: sigmoid (hinge, ipo, orpo, simpo)
     tunelab train examples/smollm2_lora_orpo.yaml    # stage: orpo, the same as dpo with pref_loss: orpo
 
-Each batch of B pairs is 2B rows, the chosen replies first (`PairCollator`). One forward of the policy scores them
+Each batch of B pairs is 2B rows, the chosen replies first (`tunelab.data.PairwiseCollator`). One forward of the policy scores them
 all; one forward of the reference model (without gradients) likewise; `preference_losses` turns the log-probs of the
 reply tokens into one loss per pair. The reference is `ref_model` when given; with LoRA and no `ref_model` it is the
 policy with its adapter switched off (no second copy in memory); otherwise a frozen copy of the starting model
@@ -23,22 +23,20 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from tunelab.config import Config, ConfigError
 from tunelab.config.schema import REFERENCE_LOSSES
-from tunelab.data import DataCollator, DatasetSplits, load_datasets, prepare_template
+from tunelab.data import DataCollator, DatasetSplits, PairwiseCollator
 from tunelab.data.processing import IGNORE_INDEX
-from tunelab.model import load_model, load_tokenizer
+from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
-from tunelab.training.arguments import build_training_arguments
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.logprobs import sequence_logprobs
 from tunelab.training.metrics_trainer import MetricsTrainer
-from tunelab.training.output_dir import prepare_output_dir
 from tunelab.training.preference_losses import (AVERAGED_LOSSES, dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss,
                                                 orpo_loss, simpo_loss)
-from tunelab.training.workflow import train_and_report
+from tunelab.training.workflow import start_run, train_and_report
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +109,7 @@ class PreferenceTrainer(MetricsTrainer):
 
 
 class DPOTrainer(PreferenceTrainer):
-    """The dpo stage's trainer: batches from `PairCollator`, the loss `config.pref_loss`."""
+    """The dpo stage's trainer: batches from `PairwiseCollator`, the loss `config.pref_loss`."""
 
     def __init__(self, *args: Any, config: Config, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -152,19 +150,6 @@ class DPOTrainer(PreferenceTrainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
-class PairCollator:
-    """B preference pairs -> one batch of 2B rows (the B chosen sequences, then the B rejected ones), padded to one
-    length, so the policy scores both in one forward."""
-
-    def __init__(self, collator: DataCollator) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [{name: row[f"{side}_{name}"] for name in SEQUENCE_COLUMNS}
-                for side in ("chosen", "rejected") for row in features]
-        return self.collator(rows)
-
-
 def check_preference_keys(config: Config) -> None:
     """Refuse preference keys that this run's loss would silently ignore (before anything loads)."""
     this_run = f"`pref_loss: {config.pref_loss}`" if config.pref_loss else f"`stage: {config.stage}`"
@@ -192,14 +177,8 @@ class PreparedRun:
 
 
 def prepare_run(config: Config, needs_reference: bool) -> PreparedRun:
-    args = build_training_arguments(config)
-    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
-    set_seed(config.seed)
-
-    tokenizer = load_tokenizer(config)
-    template = prepare_template(config, tokenizer)
-    with args.main_process_first(desc="tokenizing the datasets"):
-        splits = load_datasets(config, tokenizer, template)
+    start = start_run(config)
+    args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
 
     model = load_model(config, tokenizer, trainable=config.do_train)
     model.config.use_cache = False
@@ -214,6 +193,6 @@ def run(config: Config) -> dict[str, Any]:
     prepared = prepare_run(config, needs_reference=config.pref_loss in REFERENCE_LOSSES)
     trainer = DPOTrainer(model=prepared.model, reference=prepared.reference, config=config, args=prepared.args,
                          train_dataset=prepared.splits.train, eval_dataset=prepared.splits.eval,
-                         data_collator=PairCollator(prepared.collator), processing_class=prepared.tokenizer,
+                         data_collator=PairwiseCollator(prepared.collator.tokenizer, prepared.collator.pad_to_multiple_of), processing_class=prepared.tokenizer,
                          callbacks=[TrainerLogCallback()])
     return train_and_report(trainer, config, prepared.resume_from, PLOT_KEYS)

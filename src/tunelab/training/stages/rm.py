@@ -22,38 +22,19 @@ import os
 from typing import Any
 
 import torch
-from transformers import set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from tunelab.config import Config
-from tunelab.data import DataCollator, load_datasets, prepare_template
-from tunelab.model import load_model, load_tokenizer
+from tunelab.data import PairwiseCollator
+from tunelab.model import load_model
 from tunelab.model.value_head import ValueHeadModel, has_value_head, last_token_scores
-from tunelab.training.arguments import build_training_arguments
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.metrics_trainer import MetricsTrainer
-from tunelab.training.output_dir import prepare_output_dir
-from tunelab.training.workflow import train_and_report
+from tunelab.training.workflow import start_run, train_and_report
 
 logger = logging.getLogger(__name__)
 
 PLOT_KEYS = ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies")
-
-
-class PairwiseCollator:
-    """A batch of n pairs as one batch of 2n sequences: the n chosen rows, then the n rejected ones.
-
-    All 2n rows are padded to one length, so a single forward pass scores both sides of every pair. Labels stay
-    out: a score needs none (the Trainer counts the tokens it saw from attention_mask).
-    """
-
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
-        self.pad = DataCollator(tokenizer, pad_to_multiple_of)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [{"input_ids": row[side + "input_ids"], "attention_mask": row[side + "attention_mask"]}
-                for side in ("chosen_", "rejected_") for row in features]
-        return self.pad(rows)
 
 
 class RewardTrainer(MetricsTrainer):
@@ -98,14 +79,8 @@ class RewardTrainer(MetricsTrainer):
 
 
 def run(config: Config) -> dict[str, Any]:
-    args = build_training_arguments(config)
-    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
-    set_seed(config.seed)
-
-    tokenizer = load_tokenizer(config)
-    template = prepare_template(config, tokenizer)
-    with args.main_process_first(desc="tokenizing the datasets"):
-        splits = load_datasets(config, tokenizer, template)
+    start = start_run(config)
+    args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
 
     model = ValueHeadModel(load_model(config, tokenizer, trainable=config.do_train))
     # A head saved with the last adapter, or with a full reward model, is where this run starts (as in LLaMA-Factory).

@@ -8,26 +8,18 @@ template -> tokenized data -> model with its fine-tuning method -> Trainer -> tr
 
 from typing import Any
 
-from transformers import Trainer, set_seed
+from transformers import Trainer
 
 from tunelab.config import Config
-from tunelab.data import DataCollator, load_datasets, prepare_template
-from tunelab.model import load_model, load_tokenizer
-from tunelab.training.arguments import build_training_arguments
+from tunelab.data import DataCollator
+from tunelab.model import load_model
 from tunelab.training.callbacks import TrainerLogCallback
-from tunelab.training.output_dir import prepare_output_dir
-from tunelab.training.workflow import train_and_report
+from tunelab.training.workflow import start_run, train_and_report
 
 
 def run(config: Config) -> dict[str, Any]:
-    args = build_training_arguments(config)
-    resume_from = prepare_output_dir(config, is_main_process=args.process_index == 0)
-    set_seed(config.seed)
-
-    tokenizer = load_tokenizer(config)
-    template = prepare_template(config, tokenizer)
-    with args.main_process_first(desc="tokenizing the datasets"):
-        splits = load_datasets(config, tokenizer, template)
+    start = start_run(config)
+    args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
 
     model = load_model(config, tokenizer, trainable=config.do_train)
     # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
