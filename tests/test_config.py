@@ -143,6 +143,12 @@ def test_llamafactory_keys_not_supported_yet_are_refused_only_when_switched_on()
 
 # One config per rule that breaks exactly that rule, keyed by a phrase of the rule's message.
 RULE_CASES = {
+    "`do_predict` and `predict_with_generate` apply to `stage: sft` only": {
+        "stage": "pt", "do_predict": True, "predict_with_generate": True, "eval_dataset": "x"},
+    "go together": {"predict_with_generate": True},
+    "`do_predict` generates replies for the evaluation set": {"do_predict": True, "predict_with_generate": True},
+    "`do_predict` needs `output_dir`": {"do_train": False, "output_dir": None, "do_predict": True,
+                                        "predict_with_generate": True, "eval_dataset": "x"},
     "`model_name_or_path` is required": {"do_train": False},
     "`do_train` needs `dataset`": {"dataset": None},
     "`do_train` needs `output_dir`": {"output_dir": None},

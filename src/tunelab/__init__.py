@@ -1,7 +1,10 @@
 """tunelab: fine-tune open-weight LLMs from one YAML file and one command.
 
-Layers, each importing only the ones before it: config -> data -> model -> training -> cli.
-Importing this package is cheap; torch and transformers load only when a run starts.
+Layers, each importing only the ones before it: config -> data -> model -> training -> infer -> api/webui -> cli.
+Importing this package is cheap; torch and transformers load only when a run starts or a model loads.
+
+    tunelab.train("examples/quickstart.yaml")                 # a run's metrics
+    model = tunelab.ChatModel("examples/quickstart_chat.yaml")  # chat with the result (see infer/chat_model.py)
 """
 
 from pathlib import Path
@@ -16,3 +19,12 @@ def train(config: dict[str, Any] | str | Path, overrides: list[tuple[str, str]] 
     from tunelab.training.run import run_training
 
     return run_training(load_config(config, overrides))
+
+
+def __getattr__(name: str) -> Any:
+    # ChatModel is imported on first use, so `import tunelab` stays light.
+    if name == "ChatModel":
+        from tunelab.infer.chat_model import ChatModel
+
+        return ChatModel
+    raise AttributeError(f"module 'tunelab' has no attribute {name!r}")

@@ -10,8 +10,12 @@ what it needs when it runs. A config error exits with status 2 and one message, 
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tunelab import __version__
+
+if TYPE_CHECKING:
+    from tunelab.config import Config
 
 USAGE = f"""tunelab {__version__}: fine-tune open-weight LLMs from one YAML file.
 
@@ -23,6 +27,12 @@ commands:
   data preview CONFIG [-n N] [key=value ...]
                    show N tokenized samples with their trained tokens highlighted, and statistics
                    per dataset (kept and skipped samples, lengths, truncation), without loading weights
+  chat CONFIG      chat with the model in the terminal (streamed; `clear` forgets the history, `exit` leaves)
+  api CONFIG       serve the model through an OpenAI-compatible API (API_HOST, API_PORT, API_KEY,
+                   API_MODEL_NAME; default 127.0.0.1:8000)
+  webchat CONFIG   a chat page in the browser (gradio; GRADIO_SERVER_NAME/PORT, default 127.0.0.1:7860)
+  export CONFIG    merge the adapters and write the model to export_dir (safetensors, tokenizer, Modelfile)
+  eval CONFIG      multiple-choice benchmark (task: mmlu_test, ceval_validation, cmmlu_test, sample_test)
   env              versions of the stack and the machine's CPU/GPU, for bug reports
   version          print the version
   help [keys]      this text, or every config key with its type, default and meaning
@@ -113,6 +123,96 @@ def cmd_data(args: list[str]) -> int:
     return 0
 
 
+def _config_of(command: str, args: list[str], what: str) -> "Config | None":
+    """The config of a command taking CONFIG [key=value ...]; None after printing its usage for --help."""
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: tunelab {command} CONFIG [key=value | --key value ...]\n{what}")
+        return None
+    from tunelab.config import load_config
+
+    config = load_config(args[0], parse_overrides(args[1:]))
+    from tunelab.training.run import setup_logging
+
+    setup_logging()
+    return config
+
+
+def cmd_chat(args: list[str]) -> int:
+    config = _config_of("chat", args, "Chat with the model in the terminal. Example: tunelab chat "
+                                      "examples/quickstart_chat.yaml")
+    if config is None:
+        return 0
+    from tunelab.infer.engine import RequestError, build_engine
+
+    engine = build_engine(config)
+    print("Chat with the model: `clear` forgets the history, `exit` leaves.")
+    history: list[dict] = []
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return 0
+        if query == "exit":
+            return 0
+        if query == "clear":
+            history = []
+            print("History cleared.")
+            continue
+        if not query:
+            continue
+        print("Assistant: ", end="", flush=True)
+        try:
+            for delta in engine.stream([*history, {"role": "user", "content": query}]):
+                print(delta.text, end="", flush=True)
+                reply = delta.reply
+        except RequestError as err:
+            print(f"\n[not answered: {err}]")
+            continue
+        print()
+        history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply.text}]
+
+
+def cmd_api(args: list[str]) -> int:
+    config = _config_of("api", args, "Serve the model through an OpenAI-compatible API. Environment: API_HOST "
+                                     "(127.0.0.1), API_PORT (8000), API_KEY, API_MODEL_NAME, API_MAX_WAITING.")
+    if config is not None:
+        from tunelab.api import run_api
+
+        run_api(config)
+    return 0
+
+
+def cmd_webchat(args: list[str]) -> int:
+    config = _config_of("webchat", args, "A chat page for the model in the browser (gradio). Environment: "
+                                         "GRADIO_SERVER_NAME (127.0.0.1), GRADIO_SERVER_PORT (7860).")
+    if config is not None:
+        from tunelab.webui.chat import run_webchat
+
+        run_webchat(config)
+    return 0
+
+
+def cmd_export(args: list[str]) -> int:
+    config = _config_of("export", args, "Merge the adapters into the base model and write it to export_dir. "
+                                        "Example: tunelab export examples/quickstart_export.yaml")
+    if config is not None:
+        from tunelab.model.export import export_model
+
+        print(f"exported to {export_model(config)}")
+    return 0
+
+
+def cmd_eval(args: list[str]) -> int:
+    config = _config_of("eval", args, "Score the model on a multiple-choice benchmark. Example: tunelab eval "
+                                      "examples/smollm2_eval.yaml")
+    if config is not None:
+        from tunelab.infer.benchmark import run_benchmark
+
+        run_benchmark(config)
+    return 0
+
+
 def cmd_env(args: list[str]) -> int:
     from tunelab.env import describe_environment
 
@@ -140,6 +240,11 @@ def cmd_help(args: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "data": cmd_data,
+    "chat": cmd_chat,
+    "api": cmd_api,
+    "webchat": cmd_webchat,
+    "export": cmd_export,
+    "eval": cmd_eval,
     "env": cmd_env,
     "version": cmd_version,
     "help": cmd_help,

@@ -23,7 +23,8 @@ NOT_YET_SUPPORTED = {
     "video_min_pixels", "video_fps", "freeze_vision_tower", "freeze_multi_modal_projector", "pref_bco_weight",
     "ld_alpha", "use_galore", "use_apollo", "use_badam", "pissa_init",
     "loraplus_lr_ratio", "shift_attn", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
-    "use_llama_pro", "print_param_status", "compute_accuracy", "predict_with_generate", "do_predict",
+    "use_llama_pro", "print_param_status", "compute_accuracy", "export_quantization_bit",
+    "export_quantization_dataset", "export_legacy_format", "vllm_config",
 }
 
 
@@ -174,6 +175,15 @@ def coerce(value: Any, annotation: Any, *, from_text: bool = False) -> Any:
             return value
         raise ValueError(f"got {value!r}; expected a string")
     raise TypeError(f"schema type {annotation!r} has no coercion rule")
+
+
+def coerce_key(key: str, value: Any) -> Any:
+    """`value` (from JSON, not text) as the schema key `key` takes it: converted to its type and checked against its
+    range; ValueError saying what was expected otherwise. Front ends check per-request settings with it."""
+    declared = {f.name: f for f in public_fields()}[key]
+    value = coerce(value, declared.type)
+    _check_range(value, declared.metadata)
+    return value
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False,

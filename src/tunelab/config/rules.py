@@ -100,6 +100,14 @@ RULES: tuple[Rule, ...] = (
          "`stage: ppo` and `stage: grpo` have no evaluation loss: remove `do_eval` and `eval_strategy`"),
     Rule(lambda c: c.stage not in ("pt", "sft") and (c.packing or c.neat_packing),
          "`packing` applies to `stage: pt` and `stage: sft`: the other stages score whole samples"),
+    Rule(lambda c: (c.do_predict or c.predict_with_generate) and c.stage != "sft",
+         "`do_predict` and `predict_with_generate` apply to `stage: sft` only"),
+    Rule(lambda c: c.do_predict != c.predict_with_generate,
+         "`do_predict` and `predict_with_generate` go together: prediction generates replies and scores them"),
+    Rule(lambda c: c.do_predict and not _has_eval_data(c),
+         "`do_predict` generates replies for the evaluation set: set `eval_dataset` or `val_size`"),
+    Rule(lambda c: c.do_predict and not c.output_dir,
+         "`do_predict` needs `output_dir` (where generated_predictions.jsonl goes)"),
 )
 
 

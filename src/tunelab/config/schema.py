@@ -169,12 +169,46 @@ class GenerationOptions:
 
 
 @dataclass
+class InferenceOptions:
+    infer_backend: Literal["huggingface", "vllm"] = option(
+        "huggingface", "chat/api/webchat engine: transformers (any machine) or vLLM (GPU, needs the vllm package).")
+    vllm_maxlen: int = option(4096, "vllm: longest prompt plus reply the engine holds.", minimum=1)
+    vllm_gpu_util: float = option(0.9, "vllm: share of GPU memory the engine may take.", minimum=0, maximum=1,
+                                  exclusive_minimum=True)
+    vllm_enforce_eager: bool = option(False, "vllm: skip CUDA graphs (less memory, slower).")
+    vllm_max_lora_rank: int = option(32, "vllm: the largest LoRA rank it must serve.", minimum=1)
+
+
+@dataclass
+class ExportOptions:
+    export_dir: str | None = option(None, "tunelab export: folder the merged model is written to.")
+    export_size: int = option(5, "tunelab export: largest safetensors shard, in GB.", minimum=1)
+    export_device: Literal["cpu", "auto"] = option(
+        "cpu", "tunelab export: merge on the CPU, or on the GPU when there is one (auto).")
+    export_hub_model_id: str | None = option(None, "tunelab export: also push the merged model to this hub repo.")
+
+
+@dataclass
+class EvaluationOptions:
+    task: str | None = option(
+        None, "tunelab eval: benchmark and split, e.g. mmlu_test, ceval_validation, cmmlu_test, sample_test.")
+    task_dir: str = option("evaluation", "tunelab eval: folder holding the benchmarks (one subfolder per task).")
+    batch_size: int = option(4, "tunelab eval: questions scored per forward pass.", minimum=1)
+    n_shot: int = option(5, "tunelab eval: solved examples shown before each question.", minimum=0)
+    lang: Literal["en", "zh"] = option("en", "tunelab eval: language of the prompt around the questions.")
+    save_dir: str | None = option(None, "tunelab eval: folder for the per-question answers and the scores.")
+
+
+@dataclass
 class TrainingOptions:
     output_dir: str | None = option(None, "Where checkpoints, weights, logs and plots are written.")
     overwrite_output_dir: bool = option(False, "Start over in a non-empty output_dir (its old results are removed).")
     resume_from_checkpoint: str | None = option(None, "Checkpoint folder to resume from.")
     do_train: bool = option(False, "Train.")
     do_eval: bool = option(False, "Evaluate on the evaluation set.")
+    do_predict: bool = option(False, "sft: generate replies for the evaluation set and score them (BLEU, ROUGE).")
+    predict_with_generate: bool = option(
+        False, "sft with do_predict: generate the replies (written to generated_predictions.jsonl).")
     learning_rate: float = option(5e-5, "Peak learning rate.", minimum=0, exclusive_minimum=True)
     num_train_epochs: float = option(3.0, "Passes over the training data.", minimum=0, exclusive_minimum=True)
     max_steps: int = option(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
@@ -207,7 +241,7 @@ class TrainingOptions:
 
 @dataclass
 class Config(ModelOptions, DataOptions, MethodOptions, PreferenceOptions, RewardOptions, GenerationOptions,
-             TrainingOptions):
+             InferenceOptions, ExportOptions, EvaluationOptions, TrainingOptions):
     """Everything one tunelab run needs. Build it with `tunelab.config.load_config`, which validates it."""
 
     #: Keys of transformers' TrainingArguments that tunelab forwards without interpreting them.

@@ -114,6 +114,19 @@ class Template:
         ids = split_tokens(tokenizer, self.render_pieces(tokenizer, messages, system, tools))
         return list(zip(ids[0::2], ids[1::2]))
 
+    def encode_prompt(self, tokenizer: Any, messages: list[dict], system: str | None = None,
+                      tools: str | None = None) -> list[int]:
+        """The ids a model continues to write the next reply: the conversation (ending on a user or tool turn) and
+        the generation prompt. An empty reply stands in for the one to come, so every template renders its prompt
+        exactly as in training."""
+        pairs = self.encode_turns(tokenizer, [*messages, {"role": "assistant", "content": ""}], system, tools)
+        return [i for prompt, reply in pairs[:-1] for i in prompt + reply] + pairs[-1][0]
+
+    @property
+    def tools(self) -> ToolFormat | None:
+        """The tool format replies call tools in (to read calls out of generated text), if known."""
+        return None
+
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """Make the tokenizer end turns, pad and render chats as this template does (before saving it)."""
         if self.replace_eos and tokenizer.eos_token != self.stop_words[0]:

@@ -185,13 +185,14 @@ def prompt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) 
     """Kind prompt (ppo, grpo, prediction): the prompt to generate from, the reference reply as labels."""
     out = _new_columns("")
     for messages, system, tools in _conversations(batch):
-        # Roles alternate from the prompt side, so an odd count ends on it: no reference answer. An empty reply
-        # stands in for one, so the template still renders the generation prompt; the labels stay empty.
+        # Roles alternate from the prompt side, so an odd count ends on it: no reference answer, no labels.
         answered = len(messages) % 2 == 0
-        conversation = messages if answered else [*messages, {"role": "assistant", "content": ""}]
-        prompt, reply = prompt_and_reply(template.encode_turns(tokenizer, conversation, system, tools))
+        if answered:
+            prompt, reply = prompt_and_reply(template.encode_turns(tokenizer, messages, system, tools))
+        else:
+            prompt, reply = template.encode_prompt(tokenizer, messages, system, tools), []
         # Cut from the left: the end of the prompt is the question and the generation prompt.
-        _add_row(out, prompt[-config.cutoff_len:], reply if answered else [])
+        _add_row(out, prompt[-config.cutoff_len:], reply)
         out[TRUNCATED_COLUMN].append(len(prompt) > config.cutoff_len)
     return out
 

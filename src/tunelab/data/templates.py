@@ -55,7 +55,7 @@ from typing import Any
 from tunelab.data.chat_template import ChatTemplate, Pairs, Template, split_tokens, to_hf_messages
 from tunelab.data.format_strings import TemplateError
 from tunelab.data.template_table import TEMPLATES
-from tunelab.data.tool_formats import TOOL_FORMATS
+from tunelab.data.tool_formats import TOOL_FORMATS, ToolFormat
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,12 @@ class TokenizerTemplate(Template):
         self.own = own
         self.default_system = default_system
         self.render_kwargs = {"enable_thinking": enable_thinking}
-        self.supports_tools = own is not None and self._probe_tools(tokenizer)
+        self.supports_tools = False
+        self._tools = self._probe_tools(tokenizer) if own is not None else None
+
+    @property
+    def tools(self) -> ToolFormat | None:
+        return self._tools
 
     @property
     def jinja(self) -> str | None:
@@ -108,19 +113,25 @@ class TokenizerTemplate(Template):
         except Exception as err:  # jinja raises TemplateError and plain exceptions alike
             raise TemplateError(f"the chat template of {self.name} cannot render this conversation: {err}") from err
 
-    def _probe_tools(self, tokenizer: Any) -> bool:
-        """Whether the template shows the tool list, a tool call and a tool result (rather than dropping them)."""
+    def _probe_tools(self, tokenizer: Any) -> ToolFormat | None:
+        """Set `supports_tools` when the template shows the tool list, a tool call and a tool result (rather than
+        dropping them); return the tool format it writes calls in, when it is one of ours (so generated calls can be
+        read back)."""
         tools = [{"type": "function", "function": {"name": "probe_tool_xq", "description": "probe",
                                                    "parameters": {"type": "object", "properties": {}}}}]
-        call = {"role": "tool_call", "content": json.dumps([{"name": "probe_call_xq", "arguments": {}}])}
+        probe_call = {"name": "probe_call_xq", "arguments": {"x": 1}}
+        call = {"role": "tool_call", "content": json.dumps([probe_call])}
         messages = to_hf_messages([{"role": "user", "content": "hi"}, call,
                                    {"role": "tool", "content": "probe_result_xq"},
                                    {"role": "assistant", "content": "ok"}], None)
         try:
             (text,) = self._render(tokenizer, [messages], tools, False)
         except TemplateError:
-            return False
-        return all(word in text for word in ("probe_tool_xq", "probe_call_xq", "probe_result_xq"))
+            return None
+        if not all(word in text for word in ("probe_tool_xq", "probe_call_xq", "probe_result_xq")):
+            return None
+        self.supports_tools = True
+        return next((f for f in TOOL_FORMATS.values() if f.calls_text([probe_call]) in text), None)
 
     def render_pieces(self, tokenizer: Any, messages: list[dict], system: str | None,
                       tools: str | None) -> list[str]:

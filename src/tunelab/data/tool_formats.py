@@ -12,6 +12,7 @@ non-ASCII kept).
 """
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,38 @@ class ToolFormat:
         written = [fill(self.call, name=call["name"], arguments=_dumps(call["arguments"])) for call in calls]
         return self.calls_open + self.call_separator.join(written) + self.calls_close
 
+    def parse_calls(self, text: str) -> tuple[str, list[dict]]:
+        """(text before the calls, calls) of a generated reply: the inverse of `calls_text`, read with the same format
+        strings. Each call is `{"name", "arguments"}` with the arguments as JSON text, as OpenAI's API returns them.
+        A reply without a well-formed call gives (text, [])."""
+        start_pattern = _loose(self.calls_open + self.call.split("{{name}}")[0])
+        # A format whose calls open with the name itself (glm4) only calls at the start of the reply.
+        if start_pattern:
+            starts = [m.start() for m in re.finditer(start_pattern, text)]
+        else:
+            starts = [len(text) - len(text.lstrip())]
+        for start in starts:
+            calls = self._read_calls(text, start)
+            if calls:
+                return text[:start].strip(), calls
+        return text, []
+
+    def _read_calls(self, text: str, at: int) -> list[dict] | None:
+        opening = re.compile(_loose(self.calls_open)).match(text, at)
+        position, calls = opening.end(), []
+        while True:
+            read = _read_call(self.call, text, position)
+            if read is None:
+                return None
+            call, position = read
+            calls.append(call)
+            separator = re.compile(_loose(self.call_separator)).match(text, position)
+            if not self.call_separator or separator is None or _read_call(self.call, text, separator.end()) is None:
+                break
+            position = separator.end()
+        closing = re.compile(_loose(self.calls_close) + r"\s*$").match(text, position)
+        return calls if closing else None
+
     def jinja_tools_text(self, target: str) -> list[str]:
         """Jinja statements setting the variable `target` to `tools_text(tools)`."""
         tool_expr = jinja_expr(self.tool, **{key: expr for key, (_, expr) in TOOL_FIELDS.items()})
@@ -106,6 +139,28 @@ class ToolFormat:
             "{%- endfor -%}",
             f"{{%- set {target} = written.text + {jinja_expr(self.calls_close)} -%}}",
         ]
+
+
+def _loose(literal: str) -> str:
+    """A regex for a literal of a format string that lets generated text vary its whitespace."""
+    return r"\s*".join(re.escape(part) for part in literal.split())
+
+
+def _read_call(call_format: str, text: str, at: int) -> tuple[dict, int] | None:
+    """One call written as `call_format` at `text[at:]`, and where it ends; None when the text is not one."""
+    before_name, rest = call_format.split("{{name}}")
+    between, after = rest.split("{{arguments}}")
+    head = re.compile(r"\s*" + _loose(before_name) + r"([^\s\"]+)" + _loose(between) + r"\s*").match(text, at)
+    if head is None:
+        return None
+    try:
+        arguments, end = json.JSONDecoder().raw_decode(text, head.end())
+    except json.JSONDecodeError:
+        return None
+    tail = re.compile(_loose(after)).match(text, end)
+    if not isinstance(arguments, dict) or tail is None:
+        return None
+    return {"name": head.group(1), "arguments": _dumps(arguments)}, tail.end()
 
 
 _TOOL_CALL_FORMAT = "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"

@@ -66,10 +66,17 @@ def resolve_source(config: Config) -> ModelSource:
 
 
 def load_tokenizer(config: Config) -> "PreTrainedTokenizerBase":
-    """The base model's tokenizer with the config's added tokens, a pad token, and right padding for training."""
+    """The model's tokenizer with the config's added tokens, a pad token, and right padding for training.
+
+    It comes from the last adapter folder when that holds one (a run saves its tokenizer there, with the chat
+    template and tokens it was trained with), else from the base model.
+    """
     from transformers import AutoTokenizer
 
     source = resolve_source(config)
+    adapters = config.adapter_name_or_path or []
+    if adapters and Path(adapters[-1], "tokenizer_config.json").is_file():
+        source = ModelSource(adapters[-1], None, is_local=True)
     if not config.use_fast_tokenizer:
         logger.warning("`use_fast_tokenizer: false` has no effect: transformers 5 always uses the fast tokenizer")
     with _loading(source, "tokenizer"):

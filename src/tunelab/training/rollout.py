@@ -62,6 +62,7 @@ from tunelab.config import Config, ConfigError
 from tunelab.data.processing import IGNORE_INDEX
 from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
+from tunelab.model.generation import generation_config
 from tunelab.model.value_head import ValueHeadModel
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.logprobs import token_logprobs
@@ -167,13 +168,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     mean = masked_mean(values, mask)
     whitened = (values - mean) * torch.rsqrt(masked_mean((values - mean) ** 2, mask) + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
-
-
-def generation_settings(config: Config, tokenizer: PreTrainedTokenizerBase, template: Any) -> GenerationConfig:
-    return GenerationConfig(
-        do_sample=True, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        top_k=config.top_k, repetition_penalty=config.repetition_penalty,
-        eos_token_id=template.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
 class PromptStream:
@@ -494,6 +488,8 @@ def run_rollout_stage(config: Config, trainer_class: type[RolloutTrainer]) -> di
     policy = load_model(config, tokenizer, trainable=True)
     reference = load_reference_model(config, tokenizer) if trainer_class.uses_reference(config) else None
     scorer = build_reward_scorer(config, tokenizer, policy, functions, chunk_size=config.per_device_train_batch_size)
-    trainer = trainer_class(config, args, policy, tokenizer, generation_settings(config, tokenizer, template),
-                            splits.train, scorer, reference)
+    # Rollouts always sample: on-policy RL needs the policy's own distribution, whatever `do_sample` says for chat.
+    sampling = generation_config(config, tokenizer, template.stop_token_ids(tokenizer), do_sample=True, num_beams=1,
+                                 use_cache=True)
+    trainer = trainer_class(config, args, policy, tokenizer, sampling, splits.train, scorer, reference)
     return trainer.train(resume_from)
