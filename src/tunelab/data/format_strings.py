@@ -27,7 +27,8 @@ def placeholders(fmt: str) -> set[str]:
 def jinja_expr(fmt: str, **exprs: str) -> str:
     """The format string as one Jinja expression: literals quoted, each placeholder replaced by its expression
     (`{{bos_token}}` and `{{eos_token}}` by the template variables of those names)."""
-    exprs = {"bos_token": "bos_token", "eos_token": "eos_token", **exprs}
+    # A tokenizer without a bos token (Qwen's) leaves the variable undefined; the Python rendering writes "" then.
+    exprs = {"bos_token": "bos_token | default('', true)", "eos_token": "eos_token", **exprs}
     parts = []
     for i, piece in enumerate(PLACEHOLDER.split(fmt)):
         if i % 2:

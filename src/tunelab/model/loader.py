@@ -80,7 +80,7 @@ def load_tokenizer(config: Config) -> "PreTrainedTokenizerBase":
     if not config.use_fast_tokenizer:
         logger.warning("`use_fast_tokenizer: false` has no effect: transformers 5 always uses the fast tokenizer")
     with _loading(source, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **_hub_kwargs(config))
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **hub_kwargs(config))
 
     if config.add_special_tokens:
         added = tokenizer.add_special_tokens({"extra_special_tokens": config.add_special_tokens},
@@ -111,7 +111,7 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
 
     source = resolve_source(config)
     with _loading(source, "model config"):
-        model_config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, **_hub_kwargs(config))
+        model_config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, **hub_kwargs(config))
     _apply_rope_scaling(model_config, config)
 
     dtype = _weights_dtype(config, model_config, trainable)
@@ -131,7 +131,7 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
             kwargs.update(_quantization_kwargs(config, source, dtype))
         with _loading(source, "model"):
             model = AutoModelForCausalLM.from_pretrained(source.path, config=model_config, gguf_file=source.gguf_file,
-                                                         **_hub_kwargs(config), **kwargs)
+                                                         **hub_kwargs(config), **kwargs)
         if source.gguf_file:
             _forget_gguf_origin(model)
     logger.info("loaded %s in %s (attention: %s)", type(model).__name__, model.dtype,
@@ -161,7 +161,7 @@ def _forget_gguf_origin(model: "PreTrainedModel") -> None:
         model.hf_quantizer.remove_quantization_config(model)
 
 
-def _hub_kwargs(config: Config) -> dict[str, Any]:
+def hub_kwargs(config: Config) -> dict[str, Any]:
     """Arguments every hub lookup (tokenizer, config, weights) takes."""
     return {"cache_dir": config.cache_dir, "revision": config.model_revision, "token": config.hf_hub_token,
             "trust_remote_code": config.trust_remote_code}
