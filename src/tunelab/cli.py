@@ -8,6 +8,7 @@ Start-up stays light (no torch, no transformers) so `--help` and config errors a
 what it needs when it runs. A config error exits with status 2 and one message, never a traceback.
 """
 
+import importlib
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -173,44 +174,32 @@ def cmd_chat(args: list[str]) -> int:
         history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply.text}]
 
 
-def cmd_api(args: list[str]) -> int:
-    config = _config_of("api", args, "Serve the model through an OpenAI-compatible API. Environment: API_HOST "
-                                     "(127.0.0.1), API_PORT (8000), API_KEY, API_MODEL_NAME, API_MAX_WAITING.")
-    if config is not None:
-        from tunelab.api import run_api
-
-        run_api(config)
-    return 0
-
-
-def cmd_webchat(args: list[str]) -> int:
-    config = _config_of("webchat", args, "A chat page for the model in the browser (gradio). Environment: "
-                                         "GRADIO_SERVER_NAME (127.0.0.1), GRADIO_SERVER_PORT (7860).")
-    if config is not None:
-        from tunelab.webui.chat import run_webchat
-
-        run_webchat(config)
-    return 0
+#: command -> (module, function taking the Config, what the command does): commands that load the config's model and
+#: hand it to one function.
+MODEL_COMMANDS = {
+    "api": ("tunelab.api", "run_api", "Serve the model through an OpenAI-compatible API. Environment: API_HOST "
+                                      "(127.0.0.1), API_PORT (8000), API_KEY, API_MODEL_NAME, API_MAX_WAITING."),
+    "webchat": ("tunelab.webui.chat", "run_webchat", "A chat page for the model in the browser (gradio). "
+                                                     "Environment: GRADIO_SERVER_NAME (127.0.0.1), GRADIO_SERVER_PORT "
+                                                     "(7860)."),
+    "export": ("tunelab.model.export", "export_model", "Merge the adapters into the base model and write it to "
+                                                       "export_dir. Example: tunelab export "
+                                                       "examples/quickstart_export.yaml"),
+    "eval": ("tunelab.infer.benchmark", "run_benchmark", "Score the model on a multiple-choice benchmark. Example: "
+                                                         "tunelab eval examples/smollm2_eval.yaml"),
+}
 
 
-def cmd_export(args: list[str]) -> int:
-    config = _config_of("export", args, "Merge the adapters into the base model and write it to export_dir. "
-                                        "Example: tunelab export examples/quickstart_export.yaml")
-    if config is not None:
-        from tunelab.model.export import export_model
+def model_command(name: str) -> Callable[[list[str]], int]:
+    module, function, what = MODEL_COMMANDS[name]
 
-        print(f"exported to {export_model(config)}")
-    return 0
+    def run(args: list[str]) -> int:
+        config = _config_of(name, args, what)
+        if config is not None:
+            getattr(importlib.import_module(module), function)(config)
+        return 0
 
-
-def cmd_eval(args: list[str]) -> int:
-    config = _config_of("eval", args, "Score the model on a multiple-choice benchmark. Example: tunelab eval "
-                                      "examples/smollm2_eval.yaml")
-    if config is not None:
-        from tunelab.infer.benchmark import run_benchmark
-
-        run_benchmark(config)
-    return 0
+    return run
 
 
 def cmd_env(args: list[str]) -> int:
@@ -241,10 +230,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "data": cmd_data,
     "chat": cmd_chat,
-    "api": cmd_api,
-    "webchat": cmd_webchat,
-    "export": cmd_export,
-    "eval": cmd_eval,
+    **{name: model_command(name) for name in MODEL_COMMANDS},
     "env": cmd_env,
     "version": cmd_version,
     "help": cmd_help,
