@@ -5,7 +5,8 @@ The rule (LLaMA-Factory's, made safe): nothing a user trained is removed unless 
 - `resume_from_checkpoint` given: continue from that folder;
 - holds checkpoints of an unfinished run: continue from the last one;
 - holds a finished run or other files: refuse, unless `overwrite_output_dir`, which removes the files a run writes
-  (checkpoints, weights, logs, plots) and leaves anything else in place.
+  (checkpoints, weights, logs, plots, predictions) and leaves anything else in place;
+- no training (`do_train: false`, evaluation or prediction only): used as it is; the results files are added.
 """
 
 import logging
@@ -24,7 +25,8 @@ RUN_OUTPUTS = re.compile(
     r"^(adapter_model\.safetensors|adapter_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
     r"|value_head\.safetensors|config\.json|generation_config\.json|tokenizer.*\.json|special_tokens_map\.json|chat_template\.jinja"
     r"|vocab\.json|merges\.txt|tokenizer\.model|added_tokens\.json|training_args\.bin|trainer_state\.json"
-    r"|trainer_log\.jsonl|(train|eval|all)_results\.json|training_.*\.png|README\.md|runs)$"
+    r"|trainer_log\.jsonl|(train|eval|predict|all)_results\.json|generated_predictions\.jsonl|training_.*\.png"
+    r"|README\.md|runs)$"
 )
 
 
@@ -35,6 +37,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 def prepare_output_dir(config: Config, is_main_process: bool = True) -> str | None:
     """Apply the rule above; returns the checkpoint to resume from, or None to start fresh."""
+    if not config.do_train:
+        return None
     if config.resume_from_checkpoint is not None:
         if not Path(config.resume_from_checkpoint).is_dir():
             raise ConfigError(f"`resume_from_checkpoint`: no such folder: {config.resume_from_checkpoint}")

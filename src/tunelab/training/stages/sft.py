@@ -3,7 +3,8 @@
     tunelab train examples/quickstart.yaml
 
 Flow: training arguments (refuses bad values before anything loads) -> output_dir policy -> tokenizer and chat
-template -> tokenized data -> model with its fine-tuning method -> Trainer -> train, save, evaluate, plot.
+template -> tokenized data -> model with its fine-tuning method -> Trainer -> train, save, evaluate, plot -> with
+`do_predict`, generate replies to the evaluation set and score them (predict.py).
 """
 
 from typing import Any
@@ -14,12 +15,15 @@ from tunelab.config import Config
 from tunelab.data import DataCollator
 from tunelab.model import load_model
 from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.predict import check_prediction, predict
 from tunelab.training.workflow import start_run, train_and_report
 
 
 def run(config: Config) -> dict[str, Any]:
     start = start_run(config)
     args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
+    if config.do_predict:
+        check_prediction(args)
 
     model = load_model(config, tokenizer, trainable=config.do_train)
     # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
@@ -29,4 +33,7 @@ def run(config: Config) -> dict[str, Any]:
     collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
     trainer = Trainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                       data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()])
-    return train_and_report(trainer, config, resume_from)
+    results = train_and_report(trainer, config, resume_from)
+    if config.do_predict:
+        results.update(predict(trainer, config, start.template))
+    return results
