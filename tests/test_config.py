@@ -143,6 +143,9 @@ def test_llamafactory_keys_not_supported_yet_are_refused_only_when_switched_on()
 
 # One config per rule that breaks exactly that rule, keyed by a phrase of the rule's message.
 RULE_CASES = {
+    "`dpo_label_smoothing` applies to": {"stage": "dpo", "pref_loss": "hinge", "dpo_label_smoothing": 0.1},
+    "`pref_ftx` does not apply to orpo": {"stage": "orpo", "pref_ftx": 0.5},
+    "`kto_chosen_weight` and `kto_rejected_weight` apply": {"stage": "dpo", "kto_chosen_weight": 2.0},
     "`do_predict` and `predict_with_generate` apply to `stage: sft` only": {
         "stage": "pt", "do_predict": True, "predict_with_generate": True, "eval_dataset": "x"},
     "go together": {"predict_with_generate": True},

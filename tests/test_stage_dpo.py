@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from tunelab.config import ConfigError
 from test_training import LF_DATA, read_log, run_config
 
 
@@ -164,19 +163,6 @@ def test_alpaca_preference_data_with_evaluation_and_plots(tiny_model_dir, tmp_pa
     for name in ("training_loss.png", "training_eval_loss.png", "training_rewards_accuracies.png",
                  "training_rewards_margins.png"):
         assert (out / name).exists(), name
-
-
-def test_config_keys_the_loss_would_ignore_are_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="dpo_label_smoothing"):
-        tunelab.train(dpo_config(tiny_model_dir, tmp_path / "a", pref_loss="hinge", dpo_label_smoothing=0.1))
-    with pytest.raises(ConfigError, match="pref_ftx"):
-        tunelab.train(dpo_config(tiny_model_dir, tmp_path / "b", stage="orpo", pref_ftx=0.5))
-    with pytest.raises(ConfigError, match="kto_chosen_weight"):
-        tunelab.train(dpo_config(tiny_model_dir, tmp_path / "c", kto_chosen_weight=2.0))
-    with pytest.raises(ConfigError, match="dpo_label_smoothing.*stage: kto"):
-        tunelab.train(dpo_config(tiny_model_dir, tmp_path / "d", stage="kto", dataset="kto_demo",
-                                 dpo_label_smoothing=0.1))
-    assert not any((tmp_path / name).exists() for name in "abcd"), "refused before anything was written"
 
 
 def test_batch_times_accumulation_gives_the_same_losses_and_rewards(tiny_model_dir, tmp_path):

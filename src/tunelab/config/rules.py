@@ -100,6 +100,13 @@ RULES: tuple[Rule, ...] = (
          "`stage: ppo` and `stage: grpo` have no evaluation loss: remove `do_eval` and `eval_strategy`"),
     Rule(lambda c: c.stage not in ("pt", "sft") and (c.packing or c.neat_packing),
          "`packing` applies to `stage: pt` and `stage: sft`: the other stages score whole samples"),
+    Rule(lambda c: c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid",
+         "`dpo_label_smoothing` applies to `stage: dpo` with `pref_loss: sigmoid` only"),
+    Rule(lambda c: c.pref_ftx > 0 and c.pref_loss == "orpo",
+         "`pref_ftx` does not apply to orpo: its loss already holds the SFT term (weight 1), and `pref_beta` weighs "
+         "the odds-ratio term against it"),
+    Rule(lambda c: (c.kto_chosen_weight, c.kto_rejected_weight) != (1.0, 1.0) and c.stage != "kto",
+         "`kto_chosen_weight` and `kto_rejected_weight` apply to `stage: kto` only"),
     Rule(lambda c: (c.do_predict or c.predict_with_generate) and c.stage != "sft",
          "`do_predict` and `predict_with_generate` apply to `stage: sft` only"),
     Rule(lambda c: c.do_predict != c.predict_with_generate,

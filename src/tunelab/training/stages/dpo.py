@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from tunelab.config import Config, ConfigError
+from tunelab.config import Config
 from tunelab.config.schema import REFERENCE_LOSSES
 from tunelab.data import DataCollator, DatasetSplits, PairwiseCollator
 from tunelab.data.processing import IGNORE_INDEX
@@ -114,7 +114,7 @@ class DPOTrainer(PreferenceTrainer):
     def __init__(self, *args: Any, config: Config, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.beta = config.pref_beta
-        # orpo's loss already holds an SFT term (check_preference_keys refuses pref_ftx with it).
+        # orpo's loss already holds an SFT term (config/rules.py refuses pref_ftx with it).
         self.ftx = config.pref_ftx
         self.uses_reference = config.pref_loss in REFERENCE_LOSSES
         self.averaged = config.pref_loss in AVERAGED_LOSSES
@@ -150,19 +150,6 @@ class DPOTrainer(PreferenceTrainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
-def check_preference_keys(config: Config) -> None:
-    """Refuse preference keys that this run's loss would silently ignore (before anything loads)."""
-    this_run = f"`pref_loss: {config.pref_loss}`" if config.pref_loss else f"`stage: {config.stage}`"
-    if config.dpo_label_smoothing > 0 and config.pref_loss != "sigmoid":
-        raise ConfigError(f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not to {this_run}")
-    if config.pref_ftx > 0 and config.pref_loss == "orpo":
-        raise ConfigError("`pref_ftx` does not apply to orpo: its loss already holds the SFT term (weight 1), and "
-                          "`pref_beta` weighs the odds-ratio term against it")
-    if (config.kto_chosen_weight, config.kto_rejected_weight) != (1.0, 1.0) and config.stage != "kto":
-        raise ConfigError(f"`kto_chosen_weight` and `kto_rejected_weight` apply to `stage: kto` only, not to "
-                          f"{this_run}")
-
-
 @dataclass
 class PreparedRun:
     """Everything a preference stage builds before its Trainer."""
@@ -189,7 +176,6 @@ def prepare_run(config: Config, needs_reference: bool) -> PreparedRun:
 
 
 def run(config: Config) -> dict[str, Any]:
-    check_preference_keys(config)
     prepared = prepare_run(config, needs_reference=config.pref_loss in REFERENCE_LOSSES)
     trainer = DPOTrainer(model=prepared.model, reference=prepared.reference, config=config, args=prepared.args,
                          train_dataset=prepared.splits.train, eval_dataset=prepared.splits.eval,

@@ -22,7 +22,7 @@ from tunelab.config import Config
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.logprobs import sequence_logprobs
 from tunelab.training.preference_losses import kto_loss
-from tunelab.training.stages.dpo import (SEQUENCE_COLUMNS, PreferenceTrainer, check_preference_keys, logits_of,
+from tunelab.training.stages.dpo import (SEQUENCE_COLUMNS, PreferenceTrainer, logits_of,
                                          mean_reply_logits, prepare_run)
 from tunelab.training.workflow import train_and_report
 
@@ -87,7 +87,6 @@ class KTOTrainer(PreferenceTrainer):
 
 
 def run(config: Config) -> dict[str, Any]:
-    check_preference_keys(config)
     prepared = prepare_run(config, needs_reference=True)
     trainer = KTOTrainer(model=prepared.model, reference=prepared.reference, config=config, args=prepared.args,
                          train_dataset=prepared.splits.train, eval_dataset=prepared.splits.eval,
