@@ -48,6 +48,17 @@ def test_chat_gives_the_trained_answer(engine):
     assert "".join(d.text for d in engine.stream(QUESTION)) == reply.text
 
 
+def test_api_gives_the_same_answer(engine):
+    from fastapi.testclient import TestClient
+
+    from tunelab.api.app import ApiSettings, create_app
+
+    client = TestClient(create_app(engine, ApiSettings(model_name="kestrel")))
+    response = client.post("/v1/chat/completions", json={"model": "kestrel", "messages": QUESTION})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == engine.chat(QUESTION)[0].text
+
+
 def test_exported_model_gives_the_same_greedy_reply_with_plain_transformers(engine, trained, tmp_path):
     folder = export_model(load_config({**trained, "export_dir": str(tmp_path / "merged")}))
     tokenizer = AutoTokenizer.from_pretrained(folder)
