@@ -5,7 +5,9 @@ reward scores.
 Expected replies come from the engine's own greedy decoding, which test_infer.py checks against plain transformers.
 """
 
+import asyncio
 import json
+import shutil
 import socket
 import threading
 import time
@@ -21,7 +23,8 @@ import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
 import tunelab  # noqa: E402
-from tunelab.api.app import ApiSettings, create_app  # noqa: E402
+from tunelab.api.app import ApiSettings, EngineQueue, create_app  # noqa: E402
+from tunelab.api.protocol import APIError  # noqa: E402
 from tunelab.config import load_config  # noqa: E402
 from tunelab.infer.engine import build_engine  # noqa: E402
 from tunelab.infer.hf_engine import OpenAIPenalties  # noqa: E402
@@ -34,6 +37,7 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
                                                                 "properties": {"city": {"type": "string"}}}}}
 CALLS = [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]
 TOOL_QUESTION = "Weather in Oslo and Rome?"
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
 
 
 class Server:
@@ -200,6 +204,24 @@ def test_penalties_have_their_openai_meaning(server, engine):
     ({"model": "tiny", "messages": QUESTION, "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages.0.content.0"),
+    ({"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content"),
+    ({"model": "tiny", "messages": QUESTION, "n": 0}, 400, "n"),
+    ({"model": "tiny", "messages": QUESTION, "temperature": 2.5}, 400, "temperature"),
+    ({"model": "tiny", "messages": QUESTION, "stop": 5}, 400, "stop"),
+    ({"model": "tiny", "messages": [*QUESTION, {"role": "system", "content": "late"}, *QUESTION]}, 400, None),
+    ({"model": "tiny", "messages": [*QUESTION, {"role": "tool", "tool_call_id": "x", "content": "r"}]}, 400,
+     "messages.1.role"),
+    ({"model": "tiny", "messages": [*QUESTION, {"role": "assistant", "tool_calls": [CALL]}, *QUESTION]}, 400,
+     "messages.2.role"),
+    ({"model": "tiny", "messages": [*QUESTION, {"role": "assistant", "tool_calls": [CALL]},
+                                    {"role": "tool", "tool_call_id": "call_9", "content": "r"}]}, 400,
+     "messages.2.tool_call_id"),
+    ({"model": "tiny", "messages": QUESTION, "tool_choice": "auto"}, 400, "tool_choice"),
+    ({"model": "tiny", "messages": QUESTION, "tools": [WEATHER_TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400, "tool_choice"),
+    # Refused by the engine (prompt + max_tokens beyond the context) before a streamed response starts.
+    ({"model": "tiny", "messages": QUESTION, "max_tokens": 1000, "stream": True}, 400, None),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, body, status, param):
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
@@ -208,6 +230,14 @@ def test_bad_requests_get_openai_shaped_4xx(server, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_a_body_that_is_not_json_and_an_unknown_path(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers=headers)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = httpx.get(f"{server.url}/v1/nothing", headers=headers)
+    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_the_api_key_is_required(server):
@@ -240,6 +270,59 @@ def test_32_concurrent_clients_are_served_or_refused_and_the_server_survives(eng
         assert running.client().chat.completions.create(model="tiny", messages=QUESTION).choices[0].message.content
     finally:
         running.stop()
+
+
+def test_the_queue_serves_in_arrival_order_and_refuses_beyond_its_bound():
+    async def scenario() -> tuple[list[int], list[int]]:
+        queue, release, served, refused = EngineQueue(max_waiting=3), asyncio.Event(), [], []
+
+        async def request(number: int) -> None:
+            try:
+                async with queue.turn():
+                    if number == 0:
+                        await release.wait()  # the first holds the engine while the others arrive
+                    served.append(number)
+            except APIError as err:
+                assert err.status == 429 and err.headers == {"Retry-After": "1"}
+                refused.append(number)
+
+        tasks = []
+        for number in range(6):
+            tasks.append(asyncio.create_task(request(number)))
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        return served, refused
+
+    assert asyncio.run(scenario()) == ([0, 1, 2, 3], [4, 5])
+
+
+def test_a_client_hanging_up_mid_stream_stops_its_generation(tiny_model_dir, tmp_path):
+    """On a copy of the tiny model with a long context, greedy "hello" runs 8,000 tokens (seconds). Once its client
+    hangs up, the next request must not wait for them."""
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "long"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    running = serve(build_engine(load_config({"model_name_or_path": str(folder), "template": "qwen",
+                                              "do_sample": False})))
+    hello = [{"role": "user", "content": "hello"}]
+    try:
+        body = {"model": "tiny", "messages": hello, "max_tokens": 8000, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            lines = response.iter_lines()
+            assert sum(next(lines).startswith("data: ") for _ in range(12)) >= 5
+        hung_up = time.monotonic()
+        client = running.client()
+        assert client.chat.completions.create(model="tiny", messages=hello, max_tokens=2).choices[0].finish_reason \
+            == "length"
+        waited = time.monotonic() - hung_up
+        whole = client.chat.completions.create(model="tiny", messages=hello, max_tokens=8000)
+        took = time.monotonic() - hung_up - waited
+    finally:
+        running.stop()
+    assert whole.usage.completion_tokens == 8000, "the check needs a reply that does not end by itself"
+    assert waited < took / 3, (waited, took)
 
 
 def test_reward_model_scores(tiny_model_dir, tmp_path, engine):

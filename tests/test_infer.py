@@ -118,6 +118,9 @@ def test_requests_it_cannot_serve_are_refused_by_name(engine):
     for message, messages in conversations.items():
         with pytest.raises(RequestError, match=message):
             engine.chat(messages)
+    with pytest.raises(RequestError, match="beam search"):
+        next(engine.stream(QUESTION, num_beams=2))
+    assert engine.chat(QUESTION, num_beams=2, max_new_tokens=4)[0].completion_tokens == 4
 
 
 def test_tools_and_parallel_tool_results_render_as_the_saved_template_does(engine, tiny_model_dir):

@@ -13,6 +13,7 @@ crash. Every error has OpenAI's shape and status: 400 a bad request (validation 
 """
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -34,6 +35,7 @@ from tunelab.infer.engine import Engine, RequestError
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
+_GONE = object()
 
 
 @dataclass(frozen=True)
@@ -94,34 +96,48 @@ class ChatService:
         self._warn_unenforced(body)
         if body.stream:
             events = self._events(request, body, messages, tools, settings)
-            await anext(events)   # errors before the first token (a refused request, a full queue) are plain HTTP
+            # Errors before the first token (a request the engine refuses, a full queue) are plain HTTP errors.
+            if await anext(events, _GONE) is _GONE:
+                return Response(status_code=499)
             return EventSourceResponse(events)
         async with self.queue.turn():
-            if await request.is_disconnected():   # gave up while waiting: do not generate for nobody
+            if await request.is_disconnected():   # gave up while waiting: generate nothing for nobody
                 return Response(status_code=499)
             replies = await self.engine.achat(messages, tools=tools, n=body.n, **settings)
         return JSONResponse(completion_body(body.model, replies, body.parallel_tool_calls))
 
     async def _events(self, request: Request, body: ChatCompletionRequest, messages: list[dict],
                       tools: list[dict] | None, settings: dict[str, Any]) -> AsyncIterator[str | None]:
-        """None once the first piece of the reply is in hand, then the `data:` payloads. The choices of n > 1
-        stream one after another, each in its own turn on the engine."""
+        """None once the first piece of the reply is in hand, then the `data:` payloads (nothing at all when the
+        client left while waiting). The choices of n > 1 stream one after another."""
         writer, prompt_tokens, completion_tokens = ChunkWriter(body.model, body.include_usage), 0, 0
+        started = False
         async with self.queue.turn():
+            if await request.is_disconnected():
+                return
             for index in range(body.n):
-                async with aclosing(self.engine.astream(messages, tools=tools, **settings)) as deltas:
-                    delta = await anext(deltas)
-                    if index == 0:
-                        yield None
-                    yield writer.choice(index, {"role": "assistant", "content": ""})
-                    shown = ""
-                    while True:
-                        if delta.text:
-                            shown += delta.text
-                            yield writer.choice(index, {"content": delta.text})
-                        if delta.reply is not None:
-                            break
+                try:
+                    async with aclosing(self.engine.astream(messages, tools=tools, **settings)) as deltas:
                         delta = await anext(deltas)
+                        if not started:
+                            started = True
+                            yield None
+                        yield writer.choice(index, {"role": "assistant", "content": ""})
+                        shown = ""
+                        while True:
+                            if delta.text:
+                                shown += delta.text
+                                yield writer.choice(index, {"content": delta.text})
+                            if delta.reply is not None:
+                                break
+                            delta = await anext(deltas)
+                except Exception as err:
+                    if not started:
+                        raise
+                    # The response has started: the error goes to the client as a last event, as OpenAI's do.
+                    logger.exception("streamed completion failed")
+                    yield json.dumps(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"))
+                    return
                 reply, calls = delta.reply, calls_of(delta.reply, body.parallel_tool_calls)
                 # Text held back as a possible tool call that turned out not to be one arrives with the reply.
                 if not calls and reply.text.startswith(shown) and len(reply.text) > len(shown):
@@ -229,7 +245,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = [(_param(problem["loc"]), _message(problem)) for problem in err.errors()]
+        problems = [(_param(problem), _message(problem)) for problem in err.errors()]
         message = "; ".join(f"{param}: {text}" if param else text for param, text in problems)
         return JSONResponse(error_body(message, "invalid_request_error", problems[0][0] or None), status_code=400)
 
@@ -245,10 +261,12 @@ def _add_error_handlers(app: FastAPI) -> None:
                             status_code=500)
 
 
-def _param(loc: tuple) -> str:
-    """`messages.0.role` for pydantic's ('body', 'messages', 0, 'role')."""
-    return ".".join(str(part) for part in loc[1:] if part != "body") if loc and loc[0] == "body" else \
-        ".".join(map(str, loc))
+def _param(problem: dict) -> str:
+    """`messages.0.role` for pydantic's ('body', 'messages', 0, 'role'); nothing for a body that is not JSON."""
+    if problem["type"] == "json_invalid":
+        return ""
+    loc = problem["loc"]
+    return ".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) else loc))
 
 
 def _message(problem: dict) -> str:
@@ -257,5 +275,5 @@ def _message(problem: dict) -> str:
     if problem["type"] == "value_error":
         return str(problem["ctx"]["error"])
     if problem["type"] == "json_invalid":
-        return "the body is not valid JSON"
+        return f"the body is not valid JSON ({problem['ctx']['error']})"
     return problem["msg"]

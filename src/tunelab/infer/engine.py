@@ -202,6 +202,8 @@ class Engine(ABC):
                **settings: Any) -> Iterator[Delta]:
         """One reply as it is generated; the last Delta carries the finished Reply."""
         prompt, tool_format, settings = self._prepare(messages, system, tools, settings)
+        if settings.get("num_beams", self.config.num_beams) > 1:
+            raise RequestError("beam search (num_beams > 1) cannot stream: its best reply is known only at the end")
         assembled = ReplyText(self._stop_words(settings), tool_format)
         with self.lock:
             pieces = self._stream(prompt, settings)
