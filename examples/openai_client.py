@@ -46,6 +46,8 @@ for chunk in client.chat.completions.create(model=model, messages=question, tool
 print("tool calls:", json.dumps(list(calls.values()), indent=1))
 
 # 4. Both results go back at once (parallel tool results), and the model answers from them.
+if not calls:
+    raise SystemExit("the model called no tool: is the tools adapter (examples/smollm2_lora_tools.yaml) served?")
 weather = {"Paris": {"condition": "sunny", "temperature_c": 21}, "Rome": {"condition": "rainy", "temperature_c": 17}}
 results = [{"role": "tool", "tool_call_id": call["id"],
             "content": json.dumps(weather.get(json.loads(call["function"]["arguments"]).get("city"), {}))}

@@ -238,3 +238,26 @@ def test_a_tokenizers_own_template_tells_its_tool_format(family, tool_format):
 
     template = TokenizerTemplate(AutoTokenizer.from_pretrained(folder))
     assert template.supports_tools and template.tools is TOOL_FORMATS[tool_format]
+
+
+def test_cancelling_a_stream_frees_the_engine(engine):
+    """A client that hangs up mid-stream cancels the async iterator: the generation stops and the engine is free."""
+
+    async def consume() -> None:
+        async for _ in engine.astream(QUESTION, max_new_tokens=900):
+            pass
+
+    async def cancel_after(delay: float) -> BaseException:
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except BaseException as err:  # noqa: BLE001 - the kind of exception is what is checked
+            return err
+        raise AssertionError("900 tokens cannot be generated this fast")
+
+    for delay in (0.01, 0.05, 0.1, 0.15, 0.2):
+        assert isinstance(asyncio.run(cancel_after(delay)), asyncio.CancelledError)
+        assert engine.lock.acquire(blocking=False), "the cancelled generation still holds the engine"
+        engine.lock.release()

@@ -189,7 +189,7 @@ def engine_messages(messages: list[Message]) -> list[dict]:
             out.append({"role": "assistant", "tool_calls": [call.model_dump() for call in message.tool_calls]})
             continue
         if message.content is None:
-            raise APIError(400, f"messages.{i}: a {message.role} message needs `content`",
+            raise APIError(400, f"messages.{i}: this {message.role} message needs `content`",
                            param=f"messages.{i}.content")
         role = "system" if message.role == "developer" else message.role
         out.append({"role": role, "content": _text(message.content, i)})

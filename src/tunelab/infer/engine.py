@@ -232,11 +232,19 @@ class Engine(ABC):
     async def astream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Delta]:
         """`stream` on a worker thread, so an event loop keeps serving other clients meanwhile."""
         pieces = self.stream(*args, **kwargs)
-        done = object()
+        done, step = object(), None
         try:
-            while (delta := await asyncio.to_thread(next, pieces, done)) is not done:
+            while True:
+                # Shielded: a cancelled caller must not leave the generator mid-`next` on its thread, where it could
+                # not be closed (and would keep the engine's lock until garbage collection).
+                step = asyncio.ensure_future(asyncio.to_thread(next, pieces, done))
+                delta = await asyncio.shield(step)
+                if delta is done:
+                    break
                 yield delta
         finally:
+            if step is not None and not step.done():
+                await asyncio.wait([step])
             await asyncio.to_thread(pieces.close)
 
     # --- what a backend implements ---
