@@ -6,9 +6,7 @@ Runs generate a few tokens per sample with the tiny random model (a second or tw
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import tunelab
 from tunelab.config import ConfigError
 from tunelab.training.text_metrics import mean_similarity, similarity
+from test_training import train_with_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"prompt", "predict", "label"}
@@ -157,18 +156,10 @@ def test_prediction_adds_files_to_a_finished_run(trained_run, tmp_path):
 
 def test_two_processes_predict_what_one_does(tiny_model_dir, eval_data, tmp_path):
     """Under torchrun each process generates its share; the main process writes them all, in the dataset's order."""
-    import yaml
-
     single, double = tmp_path / "one", tmp_path / "two"
     common = {"eval_dataset": "questions", "dataset_dir": str(eval_data), "per_device_eval_batch_size": 2}
     tunelab.train(predict_config(tiny_model_dir, single, **common))
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(predict_config(tiny_model_dir, double, **common)))
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29571",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_with_two_processes(predict_config(tiny_model_dir, double, **common), tmp_path, 29571)
     assert read_predictions(double) == read_predictions(single)
     assert read_results(double)["predict_rouge-l"] == read_results(single)["predict_rouge-l"]
 

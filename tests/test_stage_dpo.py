@@ -6,9 +6,6 @@ metrics. The data is built so that the preference is learnable: helpful chosen r
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from test_training import LF_DATA, read_log, run_config
+from test_training import LF_DATA, read_log, run_config, train_with_two_processes
 
 
 def dpo_config(model_dir, output_dir, **overrides) -> dict:
@@ -179,16 +176,9 @@ def test_batch_times_accumulation_gives_the_same_losses_and_rewards(tiny_model_d
 
 
 def test_lora_dpo_under_torchrun_with_two_processes(tiny_model_dir, tmp_path):
-    import yaml
-
     out = tmp_path / "run"
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(dpo_config(tiny_model_dir, out, max_steps=4, logging_steps=2,
-                                              per_device_train_batch_size=2)))
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29541", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = dpo_config(tiny_model_dir, out, max_steps=4, logging_steps=2, per_device_train_batch_size=2)
+    train_with_two_processes(config, tmp_path, 29541)
     records = [r for r in read_log(out) if "loss" in r]
     assert [r["current_steps"] for r in records] == [2, 4], "only rank 0 writes the log"
     assert all(math.isfinite(r["rewards/margins"]) for r in records)

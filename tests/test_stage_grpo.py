@@ -10,14 +10,11 @@ same small chance, so a property like "short answers" would never vary within a 
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from test_rollout_rewards import favourite_token, reward_server
-from test_training import read_log, run_config
+from test_training import read_log, run_config, train_with_two_processes
 
 import tunelab
 
@@ -97,16 +94,10 @@ def test_a_reward_server_is_the_reward_model_beside_a_function(tiny_model_dir, t
 
 
 def test_grpo_under_torchrun_with_two_processes(tiny_model_dir, tmp_path, reward_file):
-    import yaml
-
     out = tmp_path / "run"
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump(grpo_config(tiny_model_dir, out, reward_funcs=f"{reward_file}:favourite",
-                                               max_steps=2, logging_steps=1, per_device_train_batch_size=2)))
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29561", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = grpo_config(tiny_model_dir, out, reward_funcs=f"{reward_file}:favourite", max_steps=2, logging_steps=1,
+                         per_device_train_batch_size=2)
+    train_with_two_processes(config, tmp_path, 29561)
     assert [r["current_steps"] for r in read_log(out)] == [1, 2], "only rank 0 writes the log"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "adapter_model.safetensors").exists()

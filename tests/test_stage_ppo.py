@@ -11,16 +11,14 @@ into clear advantages.
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_rollout_rewards import favourite_token, make_rm_adapter, reward_server
-from test_training import read_log, run_config
+from test_training import read_log, run_config, train_with_two_processes
 from transformers import AutoTokenizer
 
 import tunelab
@@ -152,16 +150,10 @@ def test_an_rm_adapter_on_the_policy_base_is_the_reward_model(tiny_model_dir, tm
 
 
 def test_ppo_under_torchrun_with_two_processes(tiny_model_dir, tmp_path, counting_server):
-    import yaml
-
     out = tmp_path / "run"
-    path = tmp_path / "ppo.yaml"
-    path.write_text(yaml.safe_dump(ppo_config(tiny_model_dir, out, counting_server, max_steps=2, logging_steps=1,
-                                              per_device_train_batch_size=2)))
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29551", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = ppo_config(tiny_model_dir, out, counting_server, max_steps=2, logging_steps=1,
+                        per_device_train_batch_size=2)
+    train_with_two_processes(config, tmp_path, 29551)
     assert [r["current_steps"] for r in read_log(out)] == [1, 2], "only rank 0 writes the log"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "adapter_model.safetensors").exists() and (out / "value_head.safetensors").exists()

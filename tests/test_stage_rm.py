@@ -7,15 +7,13 @@ each unpadded sequence, times the two tensors read from value_head.safetensors.
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import REPO, read_log, run_config
+from test_training import REPO, read_log, run_config, train_with_two_processes
 
 import tunelab
 from tunelab.config import load_config
@@ -194,17 +192,9 @@ def test_interrupted_reward_model_resumes_to_the_same_head(tiny_model_dir, tmp_p
 
 
 def test_reward_model_trains_under_torchrun(tiny_model_dir, tmp_path):
-    import yaml
-
     out = tmp_path / "run"
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(rm_config(tiny_model_dir, out, max_steps=4, per_device_train_batch_size=2,
-                                             val_size=0.0)))
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29531",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = rm_config(tiny_model_dir, out, max_steps=4, per_device_train_batch_size=2, val_size=0.0)
+    train_with_two_processes(config, tmp_path, 29531)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert (out / "adapter_model.safetensors").exists() and (out / "value_head.safetensors").exists()
     records = [r for r in read_log(out) if "loss" in r]

@@ -46,6 +46,21 @@ def run_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
     return config
 
 
+def train_with_two_processes(config: dict, folder: Path, port: int) -> None:
+    """`tunelab train` on `config` under torchrun with 2 CPU processes (DDP over gloo); the test fails on an error."""
+    import os
+
+    import yaml
+
+    path = folder / "two_processes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
 
@@ -265,18 +280,9 @@ def test_tensorboard_logs_and_evaluation_without_training(tiny_model_dir, tmp_pa
 
 def test_two_processes_under_torchrun(tiny_model_dir, tmp_path):
     """The distributed path (DDP over gloo, as on several GPUs over NCCL) trains and writes one set of outputs."""
-    import os
-
-    import yaml
-
     out = tmp_path / "run"
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(run_config(tiny_model_dir, out, max_steps=6, per_device_train_batch_size=2)))
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29517",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = run_config(tiny_model_dir, out, max_steps=6, per_device_train_batch_size=2)
+    train_with_two_processes(config, tmp_path, 29517)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     # Each optimizer step saw 2 processes x 2 samples.

@@ -118,9 +118,9 @@ def _message(turn: Any, roles: dict[str, str], spec: DatasetSpec) -> dict[str, s
         raise Invalid("unknown role", repr(tag))
     role = roles[tag]
     if role == "assistant" and turn.get("tool_calls"):  # OpenAI style: an assistant message calling tools
-        return {"role": "tool_call", "content": _tool_calls(turn["tool_calls"])}
+        return {"role": "tool_call", "content": canonical_tool_calls(turn["tool_calls"])}
     content = _text(turn.get(spec.tag("content_tag")), f"the content of a {tag} message")
-    return {"role": role, "content": _tool_calls(content) if role == "tool_call" else content}
+    return {"role": role, "content": canonical_tool_calls(content) if role == "tool_call" else content}
 
 
 def _reply(value: Any, roles: dict[str, str], spec: DatasetSpec, key: str) -> dict[str, str]:
@@ -133,8 +133,9 @@ def _reply(value: Any, roles: dict[str, str], spec: DatasetSpec, key: str) -> di
     return reply
 
 
-def _tool_calls(value: Any) -> str:
-    """Tool calls as canonical JSON: a list of {"name", "arguments"} with object arguments."""
+def canonical_tool_calls(value: Any) -> str:
+    """Tool calls (a call or a list; OpenAI's `{"function": ...}` wrapping and JSON-text arguments accepted) as
+    canonical JSON: a list of {"name", "arguments"} with object arguments. Raises `Invalid` naming the problem."""
     calls = _parsed_json(value, "invalid tool call")
     calls = calls if isinstance(calls, list) else [calls]
     canonical = []

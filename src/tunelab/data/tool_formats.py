@@ -69,11 +69,16 @@ class ToolFormat:
         written = [fill(self.call, name=call["name"], arguments=_dumps(call["arguments"])) for call in calls]
         return self.calls_open + self.call_separator.join(written) + self.calls_close
 
+    @property
+    def call_opening(self) -> str:
+        """The fixed text a reply's calls start with (empty for glm4, whose calls open with the function name)."""
+        return self.calls_open + self.call.split("{{name}}")[0]
+
     def parse_calls(self, text: str) -> tuple[str, list[dict]]:
         """(text before the calls, calls) of a generated reply: the inverse of `calls_text`, read with the same format
         strings. Each call is `{"name", "arguments"}` with the arguments as JSON text, as OpenAI's API returns them.
         A reply without a well-formed call gives (text, [])."""
-        start_pattern = _loose(self.calls_open + self.call.split("{{name}}")[0])
+        start_pattern = _loose(self.call_opening)
         # A format whose calls open with the name itself (glm4) only calls at the start of the reply.
         if start_pattern:
             starts = [m.start() for m in re.finditer(start_pattern, text)]

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Config, ConfigError
-from tunelab.data import DataError, Template, get_template
-from tunelab.model import load_model, load_tokenizer
+from tunelab.data import DataError, Template
+from tunelab.infer.engine import load_tokenizer_and_template, to_inference_device
+from tunelab.model import load_model
 
 if TYPE_CHECKING:
     import torch
@@ -73,17 +74,11 @@ def run_benchmark(config: Config) -> dict[str, Any]:
     save_dir = _empty_save_dir(config.save_dir)
     subjects = load_task(Path(config.task_dir), benchmark, split, config.n_shot)
 
-    import torch
-
-    tokenizer = load_tokenizer(config)
-    template = get_template(config, tokenizer)
-    template.prepare_tokenizer(tokenizer)
+    tokenizer, template = load_tokenizer_and_template(config)
     letter_ids = letter_token_ids(tokenizer, template)
     prompts = encode_task(tokenizer, template, subjects, config.lang, config.n_shot, config.cutoff_len)
 
-    model = load_model(config, tokenizer, trainable=False)
-    if config.quantization_bit is None and torch.cuda.is_available():
-        model = model.to("cuda")
+    model = to_inference_device(load_model(config, tokenizer, trainable=False), config)
     started = time.perf_counter()
     picks = letter_logits(model, prompts, letter_ids, config.batch_size, tokenizer.pad_token_id).argmax(-1)
     logger.info("scored %d questions in %.1f s", len(prompts), time.perf_counter() - started)

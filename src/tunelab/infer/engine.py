@@ -22,7 +22,9 @@ from typing import Any
 
 from tunelab.config import Config, ConfigError
 from tunelab.config.schema import GenerationOptions
+from tunelab.data.formats import canonical_tool_calls
 from tunelab.data.tool_formats import ToolFormat
+from tunelab.data.validation import Invalid
 
 
 class RequestError(ValueError):
@@ -59,7 +61,8 @@ ROLES = {"user": "user", "assistant": "assistant", "tool": "tool", "observation"
 def normalize_messages(messages: list[dict], system: str | None) -> tuple[str | None, list[dict]]:
     """(system prompt, messages in the data layer's roles); a leading system message becomes the system prompt.
 
-    An assistant message with OpenAI `tool_calls` becomes a tool_call turn (its calls as `{"name", "arguments"}`).
+    An assistant message with OpenAI `tool_calls` becomes a tool_call turn, its calls written as training data writes
+    them (`data.formats.canonical_tool_calls`).
     """
     if not isinstance(messages, list) or not messages:
         raise RequestError("`messages` must be a non-empty list")
@@ -74,12 +77,15 @@ def normalize_messages(messages: list[dict], system: str | None) -> tuple[str | 
             system = content
             continue
         if role == "assistant" and message.get("tool_calls"):
-            calls = [_call_of(call, i) for call in message["tool_calls"]]
-            out.append({"role": "tool_call", "content": json.dumps(calls, ensure_ascii=False)})
-            continue
+            role, content = "tool_call", message["tool_calls"]
         if role not in ROLES:
             raise RequestError(f"messages[{i}]: unknown role {role!r}; expected system, user, assistant or tool")
-        if not isinstance(content, str):
+        if ROLES[role] == "tool_call":
+            try:
+                content = canonical_tool_calls(content)
+            except Invalid as err:
+                raise RequestError(f"messages[{i}]: {err}") from None
+        elif not isinstance(content, str):
             raise RequestError(f"messages[{i}] ({role}): `content` must be a string")
         out.append({"role": ROLES[role], "content": content})
     if not out:
@@ -114,20 +120,6 @@ def _checked_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _call_of(call: Any, i: int) -> dict:
-    function = call.get("function", call) if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise RequestError(f"messages[{i}]: each tool call needs a function `name`")
-    arguments = function.get("arguments", {})
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments or "{}")
-        except json.JSONDecodeError as err:
-            raise RequestError(f"messages[{i}]: tool call {function['name']!r} has arguments that are not JSON: "
-                               f"{err}") from None
-    return {"name": function["name"], "arguments": arguments}
-
-
 class ReplyText:
     """Assembles generated text into what a client sees: cut at the first stop string, tool calls read out.
 
@@ -138,7 +130,7 @@ class ReplyText:
     def __init__(self, stop: list[str], tool_format: ToolFormat | None) -> None:
         self.stop = [word for word in stop if word]
         self.tool_format = tool_format
-        opening = (tool_format.calls_open + tool_format.call.split("{{name}}")[0]).split() if tool_format else []
+        opening = tool_format.call_opening.split() if tool_format else []
         self.call_marker = opening[0] if opening else None
         self.text, self.shown, self.stopped = "", 0, False
 
@@ -296,6 +288,27 @@ class Engine(ABC):
         reason = "tool_calls" if calls else "length" if hit_limit and not assembled.stopped else "stop"
         return Reply(text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=tokens,
                      tool_calls=calls)
+
+
+def load_tokenizer_and_template(config: Config) -> tuple[Any, Any]:
+    """The tokenizer and chat template to prompt with, the template applied to the tokenizer (eos, pad) as in
+    training; the tokenizer comes from the last adapter folder when it holds one (with the trained template)."""
+    from tunelab.data import get_template
+    from tunelab.model import load_tokenizer
+
+    tokenizer = load_tokenizer(config)
+    template = get_template(config, tokenizer)
+    template.prepare_tokenizer(tokenizer)
+    return tokenizer, template
+
+
+def to_inference_device(model: Any, config: Config) -> Any:
+    """The model on the GPU when there is one (a quantized model is already placed where bitsandbytes put it)."""
+    import torch
+
+    if config.quantization_bit is None and torch.cuda.is_available():
+        return model.to("cuda")
+    return model
 
 
 def build_engine(config: Config) -> Engine:

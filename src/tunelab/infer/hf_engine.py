@@ -12,9 +12,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.config import Config, ConfigError
-from tunelab.data import get_template
-from tunelab.infer.engine import Engine
-from tunelab.model import load_model, load_tokenizer
+from tunelab.infer.engine import Engine, load_tokenizer_and_template, to_inference_device
+from tunelab.model import load_model
 from tunelab.model.generation import generation_config
 from tunelab.model.loader import resolve_source
 from tunelab.model.value_head import ValueHeadModel, has_value_head, last_token_scores
@@ -62,21 +61,16 @@ class _TokenQueue(BaseStreamer):
 
 class HuggingFaceEngine(Engine):
     def __init__(self, config: Config) -> None:
-        tokenizer = load_tokenizer(config)
-        template = get_template(config, tokenizer)
-        template.prepare_tokenizer(tokenizer)
-        super().__init__(config, tokenizer, template)
+        super().__init__(config, *load_tokenizer_and_template(config))
         self.model = self._load_model()
         self.device = next(self.model.parameters()).device
         backbone = self.model.pretrained_model if self.is_reward_model else self.model
         self.max_context = getattr(backbone.config, "max_position_embeddings", None)
-        self.stop_ids = template.stop_token_ids(tokenizer)
+        self.stop_ids = self.template.stop_token_ids(self.tokenizer)
 
     def _load_model(self) -> torch.nn.Module:
         config = self.config
-        model = load_model(config, self.tokenizer, trainable=False)
-        if config.quantization_bit is None and torch.cuda.is_available():
-            model = model.to("cuda")
+        model = to_inference_device(load_model(config, self.tokenizer, trainable=False), config)
         if not self.is_reward_model:
             return model
         head_folder = (config.adapter_name_or_path or [resolve_source(config).path])[-1]

@@ -10,9 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tunelab.config import Config, ConfigError
-from tunelab.data import get_template
-from tunelab.infer.engine import Engine
-from tunelab.model import load_tokenizer
+from tunelab.infer.engine import Engine, load_tokenizer_and_template
 from tunelab.model.loader import resolve_source
 
 
@@ -29,10 +27,7 @@ class VllmEngine(Engine):
             raise ConfigError("`infer_backend: vllm` serves a float model folder or hub id with at most one LoRA "
                               "adapter and no value head: export a merged model (`tunelab export`) for GGUF, "
                               "quantized or multi-adapter setups, and use `infer_backend: huggingface` for `stage: rm`")
-        tokenizer = load_tokenizer(config)
-        template = get_template(config, tokenizer)
-        template.prepare_tokenizer(tokenizer)
-        super().__init__(config, tokenizer, template)
+        super().__init__(config, *load_tokenizer_and_template(config))
         self.llm = LLM(model=source.path, tokenizer=adapters[-1] if adapters else source.path,
                        trust_remote_code=config.trust_remote_code, dtype=config.infer_dtype,
                        max_model_len=config.vllm_maxlen, gpu_memory_utilization=config.vllm_gpu_util,
