@@ -32,6 +32,8 @@ commands:
   api CONFIG       serve the model through an OpenAI-compatible API (API_HOST, API_PORT, API_KEY,
                    API_MODEL_NAME; default 127.0.0.1:8000)
   webchat CONFIG   a chat page in the browser (gradio; GRADIO_SERVER_NAME/PORT, default 127.0.0.1:7860)
+  webui            the training board in the browser: train, evaluate, chat, export, compare runs
+                   (127.0.0.1:7860; another address needs TUNELAB_WEBUI_AUTH=user:password)
   export CONFIG    merge the adapters and write the model to export_dir (safetensors, tokenizer, Modelfile)
   eval CONFIG      multiple-choice benchmark (task: mmlu_test, ceval_validation, cmmlu_test, sample_test)
   env              versions of the stack and the machine's CPU/GPU, for bug reports
@@ -202,6 +204,18 @@ def model_command(name: str) -> Callable[[list[str]], int]:
     return run
 
 
+def cmd_webui(args: list[str]) -> int:
+    if args:
+        print("usage: tunelab webui\nThe training board. Environment: GRADIO_SERVER_NAME (127.0.0.1), "
+              "GRADIO_SERVER_PORT (7860), GRADIO_ROOT_PATH, TUNELAB_WEBUI_AUTH (user:password or a file of such "
+              "lines; required off loopback), TUNELAB_SAVES_DIR (saves).")
+        return 0 if args[0] in ("-h", "--help") else 2
+    from tunelab.webui.app import run_webui
+
+    run_webui()
+    return 0
+
+
 def cmd_env(args: list[str]) -> int:
     from tunelab.env import describe_environment
 
@@ -231,6 +245,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data": cmd_data,
     "chat": cmd_chat,
     **{name: model_command(name) for name in MODEL_COMMANDS},
+    "webui": cmd_webui,
     "env": cmd_env,
     "version": cmd_version,
     "help": cmd_help,

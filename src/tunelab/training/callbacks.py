@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-LOG_FILE = "trainer_log.jsonl"
+from tunelab.training.output_dir import TRAINER_LOG as LOG_FILE
 
 
 class TrainerLogCallback(TrainerCallback):

@@ -1,7 +1,7 @@
 """What to do with an output_dir that already holds something: resume, start over, or refuse.
 
 The rule (LLaMA-Factory's, made safe): nothing a user trained is removed unless `overwrite_output_dir` says so.
-- empty or missing: start fresh;
+- empty or missing: start fresh (the files `tunelab webui` writes before it starts a run do not count);
 - `resume_from_checkpoint` given: continue from that folder;
 - holds checkpoints of an unfinished run: continue from the last one;
 - holds a finished run or other files: refuse, unless `overwrite_output_dir`, which removes the files a run writes
@@ -20,6 +20,11 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 FINISHED_MARKER = "train_results.json"
+TRAINER_LOG = "trainer_log.jsonl"
+#: What `tunelab webui` writes into output_dir before the run starts: its config, state and log. They belong to the
+#: run being started, so they neither make the folder "not empty" nor are removed by `overwrite_output_dir`.
+RUN_CONFIG, RUN_STATE, RUN_LOG, RUN_EXIT_CODE = "run_config.yaml", "run_state.json", "run.log", "run_exit_code"
+BOARD_FILES = frozenset({RUN_CONFIG, RUN_STATE, RUN_LOG, RUN_EXIT_CODE})
 #: Files a training run writes at the top of output_dir; `overwrite_output_dir` removes exactly these.
 RUN_OUTPUTS = re.compile(
     r"^(adapter_model\.safetensors|adapter_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
@@ -44,7 +49,7 @@ def prepare_output_dir(config: Config, is_main_process: bool = True) -> str | No
             raise ConfigError(f"`resume_from_checkpoint`: no such folder: {config.resume_from_checkpoint}")
         return config.resume_from_checkpoint
     output_dir = Path(config.output_dir)
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+    if not output_dir.is_dir() or all(path.name in BOARD_FILES for path in output_dir.iterdir()):
         return None
     if config.overwrite_output_dir:
         if is_main_process:
