@@ -3,7 +3,7 @@
 #   bash scripts/test.sh [pytest arguments]
 # The browser tests (marker `browser`) drive the web board in Debian's chromium; it is installed here when missing
 # and apt is usable (playwright cannot download its own browser on these machines). Without it they are skipped
-# with the reason; `-m "not browser"` is the fast inner loop.
+# with the reason. The fast inner loop: -m "not slow and not distributed and not browser" (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TUNELAB_EXTRAS=test,quantization bash scripts/setup.sh

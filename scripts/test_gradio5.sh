@@ -14,4 +14,4 @@ $venv/bin/python -c "import gradio, sys; sys.exit(gradio.__version__ != '5.50.0'
   || pip_install -c constraints.txt -e ".[test]" "gradio==5.50.0"
 $venv/bin/python -c "import gradio; print('[gradio5] gradio', gradio.__version__)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec $venv/bin/python -m pytest tests/test_webui_browser.py tests/test_webui.py "tests/test_infer.py::test_webchat_page_answers_through_its_api" "$@"
+exec $venv/bin/python -m pytest tests/webui/test_webui_browser.py tests/webui/test_webui.py "tests/infer/test_infer.py::test_webchat_page_answers_through_its_api" "$@"

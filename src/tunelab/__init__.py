@@ -1,7 +1,8 @@
 """tunelab: fine-tune open-weight LLMs from one YAML file and one command.
 
-Layers, each importing only the ones before it: config -> data -> model -> training -> infer -> api/webui -> cli.
-Importing this package is cheap; torch and transformers load only when a run starts or a model loads.
+Layers, each importing only the ones before it: config -> data -> model -> eval -> training -> infer ->
+api/webui -> cli. Importing this package is cheap; torch and transformers load only when a run starts or a model
+loads.
 
     tunelab.train("examples/quickstart.yaml")                 # a run's metrics
     model = tunelab.ChatModel("examples/quickstart_chat.yaml")  # chat with the result (see infer/chat_model.py)

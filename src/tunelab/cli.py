@@ -145,7 +145,8 @@ def cmd_chat(args: list[str]) -> int:
                                       "examples/quickstart_chat.yaml")
     if config is None:
         return 0
-    from tunelab.infer.engine import RequestError, build_engine
+    from tunelab.infer.backends import build_engine
+    from tunelab.infer.engine import RequestError
 
     engine = build_engine(config)
     print("Chat with the model: `clear` forgets the history, `exit` leaves.")
@@ -187,8 +188,8 @@ MODEL_COMMANDS = {
     "export": ("tunelab.model.export", "export_model", "Merge the adapters into the base model and write it to "
                                                        "export_dir. Example: tunelab export "
                                                        "examples/quickstart_export.yaml"),
-    "eval": ("tunelab.infer.benchmark", "run_benchmark", "Score the model on a multiple-choice benchmark. Example: "
-                                                         "tunelab eval examples/smollm2_eval.yaml"),
+    "eval": ("tunelab.eval.multiple_choice", "run_benchmark", "Score the model on a multiple-choice benchmark. "
+                                                              "Example: tunelab eval examples/smollm2_eval.yaml"),
 }
 
 

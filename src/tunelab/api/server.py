@@ -40,7 +40,7 @@ def run_api(config: Config) -> None:
     import uvicorn
 
     from tunelab.api.app import ApiSettings, create_app
-    from tunelab.infer.engine import build_engine
+    from tunelab.infer.backends import build_engine
 
     settings = ApiSettings(model_name=os.environ.get("API_MODEL_NAME") or config.model_name_or_path,
                            api_key=os.environ.get("API_KEY") or None, max_waiting=max_waiting)

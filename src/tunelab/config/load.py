@@ -230,6 +230,6 @@ def describe_keys() -> str:
     lines = []
     for f in public_fields():
         default = f.default_factory() if f.default is MISSING else f.default
-        type_name = str(f.type).replace("typing.", "")
+        type_name = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
         lines.append(f"{f.name:32} {type_name:40.40} default={default!r}\n    {f.metadata['help']}")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 The schema declares the training keys tunelab interprets; these others are accepted so that any LLaMA-Factory or
 transformers config runs unchanged, and transformers validates their values when the run starts (before any model
-is loaded). `tests/test_config.py` checks this table against the installed transformers.
+is loaded). `tests/config/test_config.py` checks this table against the installed transformers.
 """
 
 PASSTHROUGH_TRAINING_KEYS = frozenset("""

@@ -1,7 +1,7 @@
 """Cross-field rules: combinations of keys that cannot run together, one row each.
 
 Each rule is a predicate that is true when the config is *wrong*, and the message shown then. They run after every
-key has its declared type, so a predicate reads plain values. Each rule has a test in `tests/test_config.py`.
+key has its declared type, so a predicate reads plain values. Each rule has a test in `tests/config/test_config.py`.
 """
 
 import re
@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from tunelab.config.schema import REFERENCE_LOSSES, Config
+from tunelab.config.stages import STAGE_SPECS, StageSpec, stages_where
 
 
 class Rule(NamedTuple):
@@ -20,10 +21,14 @@ def _has_eval_data(c: Config) -> bool:
     return c.val_size > 0 or bool(c.eval_dataset)
 
 
+def _stage(c: Config) -> StageSpec:
+    return STAGE_SPECS[c.stage]
+
+
 def _uses_reference(c: Config) -> bool:
-    if c.stage in ("dpo", "orpo", "simpo"):
-        return c.pref_loss in REFERENCE_LOSSES
-    return c.stage in ("kto", "ppo") or (c.stage == "grpo" and c.grpo_beta > 0)
+    reference = _stage(c).reference
+    return {"never": False, "always": True, "pref_loss": c.pref_loss in REFERENCE_LOSSES,
+            "grpo_beta": c.grpo_beta > 0}[reference]
 
 
 def _is_url(value: str | None) -> bool:
@@ -70,10 +75,10 @@ RULES: tuple[Rule, ...] = (
          "`interleave_probs` needs one probability per dataset in `dataset`"),
     Rule(lambda c: c.interleave_probs is not None and abs(sum(c.interleave_probs) - 1) > 1e-6,
          "`interleave_probs` must add up to 1"),
-    Rule(lambda c: c.stage in ("orpo", "simpo") and c.pref_loss != c.stage,
-         "`stage: orpo` and `stage: simpo` are dpo with that `pref_loss`: leave `pref_loss` out or set it to the "
-         "stage's name"),
-    Rule(lambda c: c.pref_loss is not None and c.stage not in ("dpo", "orpo", "simpo"),
+    Rule(lambda c: _stage(c).fixed_loss and c.pref_loss != _stage(c).pref_loss,
+         f"{stages_where(lambda s: s.fixed_loss)} are dpo with that `pref_loss`: leave `pref_loss` out or set it to "
+         "the stage's name"),
+    Rule(lambda c: c.pref_loss is not None and _stage(c).pref_loss is None,
          "`pref_loss` applies to `stage: dpo` (and its shorthands orpo and simpo) only"),
     Rule(lambda c: (c.ref_model is not None or bool(c.ref_model_adapters)) and not _uses_reference(c),
          "`ref_model` is only read by stages that compare with a reference: dpo (sigmoid, hinge, ipo), kto, ppo, "
@@ -84,8 +89,8 @@ RULES: tuple[Rule, ...] = (
          "`stage: ppo` needs `reward_model`: an rm adapter (reward_model_type: lora), a model (full) or a URL (api)"),
     Rule(lambda c: c.stage == "grpo" and c.reward_model is None and not c.reward_funcs,
          "`stage: grpo` needs `reward_funcs` (Python functions, `module:function`) or `reward_model`"),
-    Rule(lambda c: (c.reward_model is not None or bool(c.reward_funcs)) and c.stage not in ("ppo", "grpo"),
-         "`reward_model` and `reward_funcs` are read by `stage: ppo` and `stage: grpo` only"),
+    Rule(lambda c: (c.reward_model is not None or bool(c.reward_funcs)) and not _stage(c).rollout,
+         f"`reward_model` and `reward_funcs` are read by {stages_where(lambda s: s.rollout)} only"),
     Rule(lambda c: c.reward_model is not None and c.reward_model_type == "lora" and not c.uses_lora,
          "`reward_model_type: lora` puts the reward adapter on the policy's base model, so it needs "
          "`finetuning_type: lora`; use `reward_model_type: full` for a separate reward model"),
@@ -96,10 +101,20 @@ RULES: tuple[Rule, ...] = (
          "`reward_model_adapters` and `reward_model_quantization_bit` apply to `reward_model_type: full`"),
     Rule(lambda c: any(not re.fullmatch(r"[^:\s]+:[A-Za-z_]\w*", spec) for spec in c.reward_funcs or []),
          "each of `reward_funcs` is `module:function` or `path/to/file.py:function`"),
-    Rule(lambda c: c.stage in ("ppo", "grpo") and (c.do_eval or c.eval_strategy != "no"),
-         "`stage: ppo` and `stage: grpo` have no evaluation loss: remove `do_eval` and `eval_strategy`"),
-    Rule(lambda c: c.stage not in ("pt", "sft") and (c.packing or c.neat_packing),
-         "`packing` applies to `stage: pt` and `stage: sft`: the other stages score whole samples"),
+    Rule(lambda c: not _stage(c).evaluates and (c.do_eval or c.eval_strategy != "no"),
+         f"{stages_where(lambda s: not s.evaluates)} have no evaluation loss: remove `do_eval` and `eval_strategy`"),
+    # What the ppo and grpo loop (training/rollout.py) cannot do; "{stage}" is filled in with the config's stage.
+    Rule(lambda c: _stage(c).rollout and (not c.do_sample or c.num_beams > 1),
+         "stage {stage} learns from sampled completions: set `do_sample: true` and `num_beams: 1`"),
+    Rule(lambda c: _stage(c).rollout and c.streaming,
+         "`streaming` is not supported by stage {stage}: its prompts are drawn from shuffled epochs"),
+    Rule(lambda c: _stage(c).rollout and c.save_strategy == "best",
+         "`save_strategy: best` needs an evaluation metric, which stage {stage} has not"),
+    Rule(lambda c: _stage(c).rollout and bool(c.extra_training_args.get("deepspeed")
+                                              or c.extra_training_args.get("fsdp")),
+         "stage {stage} runs its own loop on accelerate with DDP: `deepspeed` and `fsdp` are not supported"),
+    Rule(lambda c: not _stage(c).next_token_loss and (c.packing or c.neat_packing),
+         f"`packing` applies to {stages_where(lambda s: s.next_token_loss)}: the other stages score whole samples"),
     Rule(lambda c: c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid",
          "`dpo_label_smoothing` applies to `stage: dpo` with `pref_loss: sigmoid` only"),
     Rule(lambda c: c.pref_ftx > 0 and c.pref_loss == "orpo",
@@ -120,4 +135,4 @@ RULES: tuple[Rule, ...] = (
 
 def check_rules(config: Config) -> list[str]:
     """Messages of every rule the config breaks, in table order."""
-    return [rule.message for rule in RULES if rule.violated(config)]
+    return [rule.message.replace("{stage}", config.stage) for rule in RULES if rule.violated(config)]

@@ -11,7 +11,8 @@ are listed in `config/passthrough.py` rather than redeclared here.
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-STAGES = ("pt", "sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
+from tunelab.config.stages import STAGE_SPECS, STAGES
+
 #: Preference losses of the dpo stage; `stage: orpo` and `stage: simpo` are shorthands for dpo with that loss.
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 #: Losses that compare the policy with a reference model (orpo and simpo need none).
@@ -253,8 +254,8 @@ class Config(ModelOptions, DataOptions, MethodOptions, PreferenceOptions, Reward
             self.lora_alpha = 2.0 * self.lora_rank
         if self.finetuning_type == "qlora" and self.quantization_bit is None:
             self.quantization_bit = 4
-        if self.pref_loss is None and self.stage in ("dpo", "orpo", "simpo"):
-            self.pref_loss = "sigmoid" if self.stage == "dpo" else self.stage
+        if self.pref_loss is None and self.stage in STAGE_SPECS:
+            self.pref_loss = STAGE_SPECS[self.stage].pref_loss
 
     @property
     def method(self) -> str:

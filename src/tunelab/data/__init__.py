@@ -10,12 +10,14 @@ Nothing heavy is imported here: `datasets` and `transformers` load inside the fu
 """
 
 from tunelab.data.collator import DataCollator, PairwiseCollator
-from tunelab.data.loader import DatasetSplits, LoadReport, TokenStats, describe_example, load_datasets
+from tunelab.data.loader import DatasetSplits, load_datasets
 from tunelab.data.preview import preview
-from tunelab.data.registry import DataError, DatasetSpec, resolve_datasets
-from tunelab.data.templates import (TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template,
-                                    prepare_template)
+from tunelab.data.registry import resolve_datasets
+from tunelab.data.spec import DataError, DatasetSpec
+from tunelab.data.stats import LoadReport, TokenStats, describe_example
+from tunelab.data.template import (TEMPLATES, ChatTemplate, Template, TemplateError, TokenizerTemplate, get_template,
+                                   prepare_template)
 
-__all__ = ["TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DatasetSpec", "DatasetSplits", "LoadReport", "PairwiseCollator",
-           "Template", "TemplateError", "TokenStats", "TokenizerTemplate", "describe_example", "get_template",
-           "load_datasets", "prepare_template", "preview", "resolve_datasets"]
+__all__ = ["TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DatasetSpec", "DatasetSplits", "LoadReport",
+           "PairwiseCollator", "Template", "TemplateError", "TokenStats", "TokenizerTemplate", "describe_example",
+           "get_template", "load_datasets", "prepare_template", "preview", "resolve_datasets"]

@@ -10,7 +10,7 @@ A chat sample, whatever its file looked like:
 
 Roles alternate prompt side / reply side, starting with the prompt side: prompt side `user` or `tool` (a tool's
 result), reply side `assistant` or `tool_call` (the assistant calling tools; its content is a JSON list of
-`{"name", "arguments"}`). What the conversation ends with depends on the stage's data kind (registry.STAGE_KINDS):
+`{"name", "arguments"}`). What the conversation ends with depends on the stage's data kind (config/stages.py):
 
     sft (sft)                       ends with the reply; every reply is trained
     pairwise (rm, dpo, orpo, simpo) ends on the prompt side; `chosen` and `rejected` answer it
@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.registry import STAGE_KINDS, TEXT_COLUMN, DataError, DatasetSpec, check_stage
+from tunelab.data.detect import TEXT_COLUMN
+from tunelab.data.registry import check_stage, data_kind
+from tunelab.data.spec import DataError, DatasetSpec
 from tunelab.data.validation import MEDIA_PLACEHOLDERS, REPLY_ROLES, Invalid, check_sample
 
 #: The `columns` keys each formatting reads; a declared one must be a column of the file.
@@ -242,7 +244,7 @@ def convert_batch(batch: dict[str, list], *, spec: DatasetSpec, stage: str) -> d
     Raises DataError when the dataset cannot serve the stage, or lacks a column it needs (a problem of the whole
     file, not of one sample)."""
     check_stage(spec, stage)
-    kind = STAGE_KINDS[stage]
+    kind = data_kind(stage)
     check_columns(spec, list(batch), kind)
     convert = from_text if kind == "pt" else CONVERTERS[spec.formatting]
     media = tuple(key for key in MEDIA_PLACEHOLDERS if spec.column(key))
@@ -289,7 +291,7 @@ def features(stage: str) -> Any:
     """The Arrow schema of the internal form (declared, so datasets with and without system prompts concatenate)."""
     from datasets import Features, List, Value
 
-    if STAGE_KINDS.get(stage) == "pt":
+    if data_kind(stage) == "pt":
         return Features({"text": Value("string"), "_rule": Value("string")})
     message = {"role": Value("string"), "content": Value("string")}
     return Features({"messages": List(message), "system": Value("string"), "tools": Value("string"),

@@ -17,8 +17,10 @@ import os
 import sys
 from typing import Any
 
-from tunelab.data.loader import SEQUENCES, LoadReport, describe_example, load_datasets, resolve_packing
-from tunelab.data.processing import IGNORE_INDEX, data_kind
+from tunelab.data.loader import load_datasets, resolve_packing
+from tunelab.data.processing import IGNORE_INDEX
+from tunelab.data.registry import data_kind
+from tunelab.data.stats import SEQUENCES, LoadReport, describe_example
 
 PLAIN_MARKS = ("⟦", "⟧")
 COLOR_MARKS = ("\x1b[1;32m", "\x1b[0m")

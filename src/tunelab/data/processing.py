@@ -2,7 +2,7 @@
 
 The loader maps every dataset through one function of `PROCESSORS`, picked by the stage's data kind:
 
-    fn = PROCESSORS[data_kind(config.stage)]
+    fn = PROCESSORS[registry.data_kind(config.stage)]
     dataset.map(fn, batched=True, remove_columns=dataset.column_names,
                 fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config})
 
@@ -46,7 +46,6 @@ the `*_batch` functions wrap them for `datasets.map(batched=True)`. Packing SFT 
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tunelab.data.registry import STAGE_KINDS, DataError
 
 IGNORE_INDEX = -100
 
@@ -235,9 +234,3 @@ def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> C
 PROCESSORS: dict[str, Callable[..., Columns]] = {
     "pt": pt_batch, "sft": sft_batch, "pairwise": pairwise_batch, "kto": kto_batch, "prompt": prompt_batch,
 }
-
-def data_kind(stage: str) -> str:
-    """The data kind (a key of `PROCESSORS`) of a training stage."""
-    if stage not in STAGE_KINDS:
-        raise DataError(f"stage {stage!r} has no data processing; known stages: {', '.join(STAGE_KINDS)}")
-    return STAGE_KINDS[stage]

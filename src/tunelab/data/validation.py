@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.registry import DataError, DatasetSpec, json_error
+from tunelab.data.spec import DataError, DatasetSpec, json_error
 
 #: rule -> what it asks of a sample. Rule names are short and stable: reports group samples by them.
 RULES = {

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config, load_config
-from tunelab.infer.engine import Reply, build_engine
+from tunelab.infer.backends import build_engine
+from tunelab.infer.engine import Reply
 
 
 class ChatModel:

@@ -1,6 +1,6 @@
 """The inference engine: the one interface the terminal chat, the API, the web chat and `ChatModel` talk to.
 
-    engine = build_engine(config)      # infer_backend: huggingface (default) or vllm
+    engine = build_engine(config)      # infer/backends.py: infer_backend huggingface (default) or vllm
     [reply] = engine.chat([{"role": "user", "content": "Who are you?"}], temperature=0.2)
     for delta in engine.stream(messages, tools=tools):
         print(delta.text, end="")      # the last delta carries the finished Reply (tool calls, token counts)
@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tunelab.config import Config, ConfigError
+from tunelab.config import Config
 from tunelab.config.schema import GenerationOptions
 from tunelab.data.formats import canonical_tool_calls
-from tunelab.data.tool_formats import ToolFormat
+from tunelab.data.template import ToolFormat
 from tunelab.data.validation import Invalid
 
 
@@ -288,37 +288,3 @@ class Engine(ABC):
         reason = "tool_calls" if calls else "length" if hit_limit and not assembled.stopped else "stop"
         return Reply(text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=tokens,
                      tool_calls=calls)
-
-
-def load_tokenizer_and_template(config: Config) -> tuple[Any, Any]:
-    """The tokenizer and chat template to prompt with, the template applied to the tokenizer (eos, pad) as in
-    training; the tokenizer comes from the last adapter folder when it holds one (with the trained template)."""
-    from tunelab.data import get_template
-    from tunelab.model import load_tokenizer
-
-    tokenizer = load_tokenizer(config)
-    template = get_template(config, tokenizer)
-    template.prepare_tokenizer(tokenizer)
-    return tokenizer, template
-
-
-def to_inference_device(model: Any, config: Config) -> Any:
-    """The model on the GPU when there is one (a quantized model is already placed where bitsandbytes put it)."""
-    import torch
-
-    if config.quantization_bit is None and torch.cuda.is_available():
-        return model.to("cuda")
-    return model
-
-
-def build_engine(config: Config) -> Engine:
-    """The engine `infer_backend` names, with the model, its adapters and its template loaded."""
-    if config.infer_backend == "vllm":
-        from tunelab.infer.vllm_engine import VllmEngine
-
-        return VllmEngine(config)
-    if config.infer_backend != "huggingface":
-        raise ConfigError(f"`infer_backend`: unknown backend {config.infer_backend!r}")
-    from tunelab.infer.hf_engine import HuggingFaceEngine
-
-    return HuggingFaceEngine(config)

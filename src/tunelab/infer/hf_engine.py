@@ -12,8 +12,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.config import Config, ConfigError
-from tunelab.infer.engine import Engine, load_tokenizer_and_template, to_inference_device
+from tunelab.infer.engine import Engine
 from tunelab.model import load_model
+from tunelab.model.inference import load_tokenizer_and_template, to_inference_device
 from tunelab.model.generation import generation_config
 from tunelab.model.loader import resolve_source
 from tunelab.model.value_head import ValueHeadModel, has_value_head, last_token_scores

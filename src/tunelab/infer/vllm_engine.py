@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from tunelab.config import Config, ConfigError
-from tunelab.infer.engine import Engine, load_tokenizer_and_template
+from tunelab.infer.engine import Engine
+from tunelab.model.inference import load_tokenizer_and_template
 from tunelab.model.loader import resolve_source
 
 

@@ -10,7 +10,7 @@
 * the tokenizer, padding left for batched generation, with the run's chat template (default_system and
   enable_thinking baked in), so a server formats prompts exactly as training did;
 * `generation_config.json` from the generation keys, ending replies at the template's stop tokens;
-* an Ollama `Modelfile` whose template and stop words match (`data/ollama.py`);
+* an Ollama `Modelfile` whose template and stop words match (`data/template/ollama.py`);
 * for `stage: rm`, `value_head.safetensors`, so the folder is a reward model `reward_model_type: full` loads;
 * `tunelab_export.json`, which marks the folder as an export, so a later export may replace it.
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from tunelab import __version__
 from tunelab.config import Config, ConfigError
 from tunelab.data import prepare_template
-from tunelab.data.ollama import modelfile
+from tunelab.data.template import modelfile
 from tunelab.model.generation import generation_config
 from tunelab.model.loader import hub_kwargs, load_model, load_tokenizer, resolve_source
 from tunelab.model.methods import load_adapters_for_inference

@@ -32,7 +32,8 @@ def load_reference_model(config: Config, tokenizer: "PreTrainedTokenizerBase") -
     """The frozen model the policy is kept close to, or None when the policy with its adapter off serves as one."""
     if config.ref_model is not None:
         logger.info("reference model: %s", config.ref_model)
-        ref_config = replace(config, model_name_or_path=config.ref_model, adapter_name_or_path=config.ref_model_adapters,
+        ref_config = replace(config, model_name_or_path=config.ref_model,
+                             adapter_name_or_path=config.ref_model_adapters,
                              quantization_bit=config.ref_model_quantization_bit, finetuning_type="lora")
         return load_model(ref_config, tokenizer, trainable=False)
     if adapter_off_is_reference(config):

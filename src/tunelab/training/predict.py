@@ -3,8 +3,8 @@ score it against the sample's own reply, writing to output_dir what LLaMA-Factor
 
 - `generated_predictions.jsonl`: one line per sample, in the dataset's order, `{"prompt", "predict", "label"}`;
 - `predict_results.json` (also merged into `all_results.json`): `predict_bleu-4`, `predict_rouge-1`,
-  `predict_rouge-2`, `predict_rouge-l` (percent, averaged over the samples; see text_metrics.py), `predict_runtime`,
-  `predict_samples_per_second`, `predict_steps_per_second`.
+  `predict_rouge-2`, `predict_rouge-l` (percent, averaged over the samples; see tunelab/eval/text_metrics.py),
+  `predict_runtime`, `predict_samples_per_second`, `predict_steps_per_second`.
 
     tunelab train examples/smollm2_lora_predict.yaml
 
@@ -36,8 +36,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from tunelab.config import Config, ConfigError
 from tunelab.data import DataCollator, Template, load_datasets
 from tunelab.model.generation import generation_config
-from tunelab.training import text_metrics
-from tunelab.training.rollout import evaluating
+from tunelab.eval import text_metrics
+from tunelab.training.rollout_types import evaluating
 
 logger = logging.getLogger(__name__)
 

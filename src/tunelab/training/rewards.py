@@ -45,11 +45,10 @@ import torch
 from tunelab.config import Config, ConfigError
 from tunelab.model.frozen import load_full_reward_model
 from tunelab.model.value_head import VALUE_HEAD_FILE, ValueHeadModel, has_value_head, last_token_scores
+from tunelab.training.rollout_types import Rollout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from tunelab.training.rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +72,11 @@ class RolloutTexts:
 class RewardSource(Protocol):
     name: str
 
-    def __call__(self, rollout: "Rollout", texts: RolloutTexts) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, texts: RolloutTexts) -> torch.Tensor:
         """One float score per completion."""
 
 
-def decode(tokenizer: "PreTrainedTokenizerBase", rollout: "Rollout", answer_ids: list[list[int]],
+def decode(tokenizer: "PreTrainedTokenizerBase", rollout: Rollout, answer_ids: list[list[int]],
            skip_special_tokens: bool = True) -> RolloutTexts:
     """The rollout's prompts, completions (each without its padding) and reference answers as text."""
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask)]
@@ -112,7 +111,7 @@ class FunctionReward:
         self.fn = load_reward_function(spec)
         self.name = getattr(self.fn, "__name__", spec.rsplit(":", 1)[-1])
 
-    def __call__(self, rollout: "Rollout", texts: RolloutTexts) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, texts: RolloutTexts) -> torch.Tensor:
         values = self.fn(prompts=texts.prompts, completions=texts.completions, completion_ids=texts.completion_ids,
                          answers=texts.answers)
         return as_scores(values, len(texts.completions), f"`reward_funcs`: {self.spec}")
@@ -156,7 +155,7 @@ class ApiReward:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def __call__(self, rollout: "Rollout", texts: RolloutTexts) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, texts: RolloutTexts) -> torch.Tensor:
         source = f"`reward_model`: the reward server {self.url}"
         request = urllib.request.Request(
             self.url, data=json.dumps({"model": "model", "messages": texts.full}).encode("utf-8"), method="POST",
@@ -185,7 +184,7 @@ class ModelReward:
         self.switch = switch
 
     @torch.no_grad()
-    def __call__(self, rollout: "Rollout", texts: RolloutTexts) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, texts: RolloutTexts) -> torch.Tensor:
         scores = []
         with self.switch():
             for start in range(0, len(rollout), self.chunk_size):
@@ -279,7 +278,7 @@ class RewardScorer:
         """The models scoring runs through (to be placed on the training device)."""
         return [source.model for source in self.sources if isinstance(source, ModelReward)]
 
-    def __call__(self, rollout: "Rollout", answer_ids: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, rollout: Rollout, answer_ids: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
         texts = decode(self.tokenizer, rollout, answer_ids, self.skip_special_tokens)
         device = rollout.completion_ids.device
         total = torch.zeros(len(rollout), device=device)

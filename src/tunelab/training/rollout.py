@@ -4,7 +4,8 @@ it derives from a scored rollout (`experience`) and its loss.
 
     tunelab train examples/smollm2_lora_ppo.yaml        # or examples/smollm2_lora_grpo.yaml
 
-The pieces, usable on their own:
+The pieces, usable on their own, are in `rollout_types.py`; checkpoints and the final files in
+`rollout_checkpoint.py`:
 
     rollout = generate(policy, prompt_ids, prompt_mask, generation_config, chunk_size)   # a Rollout
     logits = model(rollout.input_ids, rollout.attention_mask, position_ids=rollout.position_ids).logits
@@ -27,176 +28,43 @@ How a run proceeds (`RolloutTrainer.train`):
   changes no log-probability. Log-probabilities (policy, old policy, reference) are taken at the sampling
   temperature, as TRL takes them; top_p and top_k truncation is not modelled, so `top_p: 1` and `top_k: 0` keep the
   updates exactly on-policy.
-* checkpoint-N holds the policy as it saves itself (adapter or full weights, value_head.safetensors for ppo), the
-  tokenizer, optimizer.pt, scheduler.pt, rng_state_<rank>.pth, trainer_state.json and stage_state.json (ppo's KL
-  coefficient and score statistics). At the end output_dir gets the policy and tokenizer, trainer_state.json,
-  train_results.json and all_results.json, and with `plot_loss` the curves.
+* checkpoint-N and the final output_dir hold what `rollout_checkpoint.py` lists; `resume_from_checkpoint` continues
+  a run where it stopped, prompts and random numbers included.
+* The config keys the loop cannot honour (greedy or beam decoding, `streaming`, `save_strategy: best`, DeepSpeed and
+  FSDP) are refused when the config loads (`config/rules.py`).
 * One code path for 1..N processes: accelerate wraps the trained model in DDP (the optimizer and scheduler come from
   the training arguments, as the Trainer's do); generation, scoring and the reference run on each process's own
   rollouts.
 """
 
-import json
 import logging
 import math
-import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
-from safetensors.torch import load_file
-from torch.utils.data.distributed import DistributedSampler
 from transformers import (GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerControl,
                           TrainerState, TrainingArguments, get_scheduler)
 
-from tunelab.config import Config, ConfigError
-from tunelab.data.processing import IGNORE_INDEX
+from tunelab.config import Config
 from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.model.generation import generation_config
-from tunelab.model.value_head import ValueHeadModel
 from tunelab.training.callbacks import TrainerLogCallback
-from tunelab.training.logprobs import token_logprobs
-from tunelab.training.plotting import plot_metrics
 from tunelab.training.rewards import RewardScorer, build_reward_scorer, reward_functions
+from tunelab.training.rollout_checkpoint import RolloutCheckpoints
+from tunelab.training.rollout_types import PromptStream, Rollout, completion_logprobs, evaluating, generate
 from tunelab.training.workflow import start_run
 
 logger = logging.getLogger(__name__)
 
-STAGE_STATE = "stage_state.json"
 
-
-# ---- rollouts ------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Rollout:
-    """Prompts (left-padded) and their sampled completions (right-padded), one row each."""
-
-    prompt_ids: torch.Tensor        # [N, P]
-    prompt_mask: torch.Tensor       # [N, P]: 0 on the left padding
-    completion_ids: torch.Tensor    # [N, C]
-    completion_mask: torch.Tensor   # [N, C]: 1 up to and including the first stop token
-
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def __getitem__(self, rows: slice | torch.Tensor) -> "Rollout":
-        return Rollout(*(getattr(self, f.name)[rows] for f in fields(self)))
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        # Real tokens only are counted, as generate() counts them, so a left-padded prompt sits where it would alone.
-        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """1 on each completion's tokens up to and including its first stop token, 0 after it."""
-    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device)).long()
-    stops_before = is_stop.cumsum(dim=1) - is_stop
-    return (stops_before == 0).long()
-
-
-@contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) inside, the previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def generate(policy: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-             generation_config: GenerationConfig, chunk_size: int) -> Rollout:
-    """Sample one completion per (left-padded) prompt row, `chunk_size` rows at a time, in eval mode."""
-    pieces = []
-    with evaluating(policy):
-        for start in range(0, len(prompt_ids), chunk_size):
-            out = policy.generate(input_ids=prompt_ids[start:start + chunk_size],
-                                  attention_mask=prompt_mask[start:start + chunk_size],
-                                  generation_config=generation_config)
-            pieces.append(out[:, prompt_ids.shape[1]:])
-    width = max(piece.shape[1] for piece in pieces)
-    completion_ids = torch.cat([F.pad(piece, (0, width - piece.shape[1]), value=generation_config.pad_token_id)
-                                for piece in pieces])
-    mask = completion_mask(completion_ids, generation_config.eos_token_id)
-    # Columns past the longest completion hold nothing but padding.
-    width = int(mask.sum(dim=1).max())
-    return Rollout(prompt_ids, prompt_mask, completion_ids[:, :width], mask[:, :width])
-
-
-def completion_logprobs(logits: torch.Tensor, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """[N, C] log p of each completion token, 0 past each completion's end.
-
-    `logits` are a model's output for `rollout.input_ids`, or only its last C + 1 positions (`logits_to_keep`).
-    With the sampling `temperature` they are the log-probabilities of the distribution the tokens were drawn from.
-    """
-    width = rollout.completion_ids.shape[1]
-    if temperature != 1.0:
-        logits = logits[:, -(width + 1):] / temperature
-    labels = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, IGNORE_INDEX)
-    # token_logprobs takes the log-probability of labels[t] from logits[t - 1]: lead with the last prompt position.
-    labels = F.pad(labels, (1, 0), value=IGNORE_INDEX)
-    return token_logprobs(logits[:, -(width + 1):], labels)[:, 1:]
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (values * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Scale the masked values to variance 1 (and mean 0 with `shift_mean`); 0 outside the mask."""
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_mean((values - mean) ** 2, mask) + 1e-8)
-    return (whitened if shift_mean else whitened + mean) * mask
-
-
-class PromptStream:
-    """One process's prompts, round by round, from an endless run of shuffled epochs (see the module docstring)."""
-
-    def __init__(self, dataset: Any, per_round: int, seed: int, rank: int, world_size: int) -> None:
-        self.dataset = dataset
-        self.per_round = per_round
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        self._epoch, self._order = -1, []
-
-    @property
-    def rounds_per_epoch(self) -> float:
-        return len(self.sampler) / self.per_round
-
-    def round(self, step: int) -> dict[str, list]:
-        return self.dataset[[self._index(i) for i in range(step * self.per_round, (step + 1) * self.per_round)]]
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.sampler))
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._epoch, self._order = epoch, list(self.sampler)
-        return self._order[offset]
-
-
-# ---- the loop ------------------------------------------------------------------------------------------------------
-
-class RolloutTrainer:
+class RolloutTrainer(RolloutCheckpoints):
     """The loop both stages share. A stage subclass sets `plot_keys`, `completions_per_prompt` and `passes` (from its
     config keys), and defines `uses_reference`, `prompts_per_round`, `wrap_policy`, `experience` and `loss` (and
     `state_dict` / `load_state_dict` when it has state of its own)."""
@@ -375,111 +243,10 @@ class RolloutTrainer:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if "/" not in k and k != "epoch")
             logger.info("step %d/%d: %s", self.state.global_step, self.total_steps, shown)
 
-    # Saving and resuming.
-    def _save_model(self, folder: Path) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        # Only the trained adapter: a reward adapter beside it (reward_model_type: lora) belongs to the rm run.
-        kwargs = {"selected_adapters": [self.policy.active_adapter]} if hasattr(self.policy, "peft_config") else {}
-        model.save_pretrained(folder, **kwargs)
-        self.tokenizer.save_pretrained(folder)
-
-    def _save_checkpoint(self) -> None:
-        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if self.accelerator.is_main_process:
-            self._save_model(folder)
-            if not self.args.save_only_model:
-                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-            self.state.save_to_json(str(folder / "trainer_state.json"))
-            (folder / STAGE_STATE).write_text(json.dumps(self.state_dict()), encoding="utf-8")
-        self.accelerator.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, folder / f"rng_state_{self.accelerator.process_index}.pth")
-        self.accelerator.wait_for_everyone()
-        logger.info("saved %s", folder)
-
-    def _load_checkpoint(self, folder: Path) -> None:
-        if not (folder / "optimizer.pt").is_file():
-            raise ConfigError(f"checkpoint {folder} has no optimizer state (was it saved with `save_only_model`?): "
-                              f"it cannot be resumed")
-        if hasattr(self.policy, "peft_config"):
-            from peft import set_peft_model_state_dict
-
-            weights = load_file(folder / "adapter_model.safetensors")
-            result = set_peft_model_state_dict(self.policy, weights, adapter_name=self.policy.active_adapter)
-        else:
-            weights = {k: v for path in sorted(folder.glob("model*.safetensors")) for k, v in load_file(path).items()}
-            # Not strict: a tied output head is saved once, under the embeddings' name.
-            result = self.policy.load_state_dict(weights, strict=False)
-        if not weights or result.unexpected_keys:
-            raise ConfigError(f"`resume_from_checkpoint`: the weights in {folder} do not fit this model "
-                              f"(unexpected: {', '.join(result.unexpected_keys[:5]) if weights else 'no weights'})")
-        model = self.accelerator.unwrap_model(self.model)
-        if isinstance(model, ValueHeadModel):
-            model.load_value_head(folder)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        saved = TrainerState.load_from_json(str(folder / "trainer_state.json"))
-        self.state.global_step, self.state.epoch = saved.global_step, saved.epoch
-        self.state.log_history, self.state.num_input_tokens_seen = saved.log_history, saved.num_input_tokens_seen
-        self.load_state_dict(json.loads((folder / STAGE_STATE).read_text(encoding="utf-8")))
-        rng_path = folder / f"rng_state_{self.accelerator.process_index}.pth"
-        if rng_path.is_file():
-            rng = torch.load(rng_path, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        else:
-            logger.warning("%s has no %s (saved with another number of processes): sampling continues with fresh "
-                           "random numbers", folder, rng_path.name)
-        logger.info("resumed from %s at step %d", folder, self.state.global_step)
-
-    def _finish(self, runtime: float, steps_run: int) -> dict[str, Any]:
-        output_dir = Path(self.args.output_dir)
-        rows_per_step = self.prompts.per_round * self.completions_per_prompt * self.accelerator.num_processes
-        losses = [r["loss"] for r in self.state.log_history if "loss" in r]
-        metrics = {
-            "epoch": self.state.epoch,
-            "num_input_tokens_seen": self.state.num_input_tokens_seen,
-            "train_loss": sum(losses) / len(losses) if losses else 0.0,
-            "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round(steps_run * rows_per_step / max(runtime, 1e-9), 3),
-            "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
-        }
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self._save_model(output_dir)
-            self.state.save_to_json(str(output_dir / "trainer_state.json"))
-            for name in ("train_results.json", "all_results.json"):
-                (output_dir / name).write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-            if self.config.plot_loss:
-                for path in plot_metrics(output_dir, self.plot_keys):
-                    logger.info("saved %s", path)
-        self.accelerator.wait_for_everyone()
-        return metrics
-
-
-def check_rollout_config(config: Config) -> None:
-    """What the ppo and grpo loop cannot do, refused before anything loads."""
-    stage = f"stage {config.stage}"
-    if not config.do_sample or config.num_beams > 1:
-        raise ConfigError(f"{stage} learns from sampled completions: set `do_sample: true` and `num_beams: 1`")
-    if config.streaming:
-        raise ConfigError(f"`streaming` is not supported by {stage}: its prompts are drawn from shuffled epochs")
-    if config.save_strategy == "best":
-        raise ConfigError(f"`save_strategy: best` needs an evaluation metric, which {stage} has not")
-    if config.extra_training_args.get("deepspeed") or config.extra_training_args.get("fsdp"):
-        raise ConfigError(f"{stage} runs its own loop on accelerate with DDP: `deepspeed` and `fsdp` are not "
-                          f"supported")
-
 
 def run_rollout_stage(config: Config, trainer_class: type[RolloutTrainer]) -> dict[str, Any]:
     """The flow of both stages: checks -> training arguments -> output_dir policy -> tokenizer and template ->
     prompts -> policy, reference and reward sources -> trainer -> train, save, plot."""
-    check_rollout_config(config)
     functions = reward_functions(config)
     start = start_run(config)
     args, resume_from, tokenizer, template, splits = (start.args, start.resume_from, start.tokenizer, start.template,

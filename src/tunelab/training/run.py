@@ -5,25 +5,17 @@ import logging
 from typing import Any
 
 from tunelab.config import Config
+from tunelab.config.stages import STAGE_SPECS
 
-#: stage name -> module with `run(config) -> metrics`. orpo and simpo are dpo with that loss (`config.pref_loss`).
-STAGES = {
-    "pt": "tunelab.training.stages.pt",
-    "sft": "tunelab.training.stages.sft",
-    "rm": "tunelab.training.stages.rm",
-    "dpo": "tunelab.training.stages.dpo",
-    "orpo": "tunelab.training.stages.dpo",
-    "simpo": "tunelab.training.stages.dpo",
-    "kto": "tunelab.training.stages.kto",
-    "ppo": "tunelab.training.stages.ppo",
-    "grpo": "tunelab.training.stages.grpo",
-}
+
+def stage_module(stage: str) -> Any:
+    """The module that runs a stage (`config/stages.py` names it): its `run(config)` returns the metrics."""
+    return importlib.import_module(f"tunelab.training.stages.{STAGE_SPECS[stage].module}")
 
 
 def run_training(config: Config) -> dict[str, Any]:
     setup_logging()
-    stage = importlib.import_module(STAGES[config.stage])
-    return stage.run(config)
+    return stage_module(config.stage).run(config)
 
 
 def setup_logging() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from tunelab.config import Config
+from tunelab.config.stages import STAGE_SPECS
 from tunelab.data import DatasetSplits, Template, load_datasets, prepare_template
 from tunelab.model import load_tokenizer
 from tunelab.training.arguments import build_training_arguments
@@ -66,7 +67,7 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
     if trainer.args.do_eval and trainer.eval_dataset is not None:
         metrics = trainer.evaluate(metric_key_prefix="eval")
         # Perplexity is exp of a next-token loss; the other stages' losses are not one.
-        if "eval_loss" in metrics and config.stage in ("pt", "sft"):
+        if "eval_loss" in metrics and STAGE_SPECS[config.stage].next_token_loss:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

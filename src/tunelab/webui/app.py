@@ -59,7 +59,8 @@ def run_webui() -> None:
                           f"lines), or bind to 127.0.0.1")
     import gradio as gr
 
-    from tunelab.webui.board import CSS, build_board
+    from tunelab.webui.board import CSS
+    from tunelab.webui.page import build_board
 
     demo = build_board(Path(os.environ.get("TUNELAB_SAVES_DIR", "saves")))
     launch = dict(server_name=host, server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

@@ -1,6 +1,6 @@
 """The board: one gradio page whose widgets are the config schema's keys, and the job it runs.
 
-    demo = build_board(Path("saves"))     # `tunelab webui` launches it (see app.py)
+    demo = build_board(Path("saves"))     # page.py lays it out; `tunelab webui` launches it (app.py)
 
 `Board` holds the widgets (one per config key, made from `fields.FIELDS`), the texts that change with the language,
 and the board's one job. Each tab is a module (`tab_train.py`, `tab_evaluate.py`, `tab_chat.py`, `tab_export.py`,
@@ -15,11 +15,12 @@ import gradio as gr
 import yaml
 
 from tunelab.config import ConfigError
-from tunelab.data.registry import DataError, read_dataset_info
+from tunelab.data.registry import read_dataset_info
+from tunelab.data.spec import DataError
 from tunelab.webui import models
 from tunelab.webui.fields import FIELDS, SECTION_TAB, config_from_widgets, keys_named, validate
 from tunelab.webui.jobs import Job, JobStatus, start_job
-from tunelab.webui.locales import LANGUAGES, key_text, text
+from tunelab.webui.locales import key_text, text
 
 #: How often the page reads the running job's files, in seconds.
 REFRESH_SECONDS = 2.0
@@ -226,68 +227,6 @@ def progress_html(status: JobStatus | None) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def build_board(saves: Path) -> gr.Blocks:
-    """The whole page."""
-    from tunelab.webui import tab_chat, tab_evaluate, tab_export, tab_runs, tab_train
-
-    board = Board(saves)
-    with gr.Blocks(title="tunelab board", analytics_enabled=False) as demo:
-        with gr.Row():
-            board.t(gr.Markdown(f"## {text('title', 'en')}"), "title", "value")
-            board.lang = gr.Dropdown(choices=[(name, code) for code, name in LANGUAGES.items()], value="en",
-                                     label=text("lang", "en"), elem_id="tl-lang", scale=0, min_width=140)
-            board.t(board.lang, "lang")
-        build_top_bar(board)
-        tabs = {}
-        for name, module in (("train", tab_train), ("evaluate", tab_evaluate), ("chat", tab_chat),
-                             ("export", tab_export), ("runs", tab_runs)):
-            with gr.Tab(text(f"tab_{name}", "en"), id=name, elem_id=f"tl-tab-{name}") as tabs[name]:
-                board.t(tabs[name], f"tab_{name}")
-                module.build(board)
-        missing = [key for key in FIELDS if key not in board.widgets]
-        assert not missing, f"config keys without a place on the board: {missing}"  # see fields.SECTION_TAB
-        for wire in board.after_layout:
-            wire()
-        for function, inputs, outputs in board.loaders:
-            demo.load(function, inputs, outputs)
-        board.lang.change(lambda lang: relabel(board, lang), board.lang,
-                          [*board.widgets.values(), *(c for c, _, _ in board.translated)])
-    return demo
-
-
-def relabel(board: Board, lang: str) -> list[Any]:
-    updates = []
-    for key in board.widgets:
-        label, info = key_text(key, FIELDS[key].help, lang)
-        updates.append(gr.update(label=label, info=info))
-    for component, text_id, attribute in board.translated:
-        value = text(text_id, lang)
-        if text_id == "title":
-            value = f"## {value}"
-        updates.append(gr.update(**{attribute: value}))
-    return updates
-
-
-def build_top_bar(board: Board) -> None:
-    """Language is beside the title; here: the model, its adapters, the method, quantization and the template."""
-    with board.t(gr.Accordion(text("sec_top", "en"), open=True), "sec_top"):
-        with gr.Row():
-            model = board.widget("model_name_or_path", value=models.KNOWN_MODELS[0], scale=3)
-            adapters = board.widget("adapter_name_or_path", scale=3)
-            board.widget("finetuning_type", scale=1)
-            board.widget("quantization_bit", scale=1)
-            template = board.widget("template", value=models.suggest_template(models.KNOWN_MODELS[0]), scale=1)
-            refresh = board.t(gr.Button(text("refresh", "en"), elem_id="tl-refresh", scale=0, min_width=100),
-                              "refresh", "value")
-
-    def on_model(model_name: str) -> tuple[Any, Any]:
-        return (gr.update(value=models.suggest_template(model_name)),
-                gr.update(choices=models.adapters_of(board.saves, model_name), value=[]))
-
-    model.input(on_model, model, [template, adapters])
-    refresh.click(lambda m: gr.update(choices=models.adapters_of(board.saves, m)), model, adapters)
 
 
 def sections_of(tab: str) -> list[str]:

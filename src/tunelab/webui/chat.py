@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from tunelab.config import Config, ConfigError
-from tunelab.infer.engine import Engine, RequestError, build_engine
+from tunelab.infer.backends import build_engine
+from tunelab.infer.engine import Engine, RequestError
 
 
 def _text_of(content: Any) -> str:

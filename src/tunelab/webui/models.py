@@ -8,7 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from tunelab.data.templates import TEMPLATES
+from tunelab.data.template import TEMPLATES
 from tunelab.webui.fields import AUTO_TEMPLATE
 
 #: Models offered in the model list (any hub id, local folder or .gguf file may be typed instead).

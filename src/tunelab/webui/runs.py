@@ -17,9 +17,6 @@ from tunelab.webui.fields import FIELDS
 from tunelab.webui.jobs import Job
 
 RESULTS = "all_results.json"
-#: The metric shown beside the loss, per stage: what tells a user that this stage is learning.
-STAGE_METRIC = {"rm": "rewards/accuracies", "dpo": "rewards/margins", "orpo": "rewards/margins",
-                "simpo": "rewards/margins", "kto": "rewards/margins", "ppo": "reward", "grpo": "reward"}
 #: How deep under the output root runs are looked for (saves/<model>/<method>/<run>).
 SEARCH_DEPTH = 4
 

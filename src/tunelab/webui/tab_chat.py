@@ -47,7 +47,7 @@ def build(board: Board) -> None:
         def on_load(*args: Any) -> str:
             try:
                 config = load_config({**board.config_of(args), "do_train": False})
-                from tunelab.infer.engine import build_engine
+                from tunelab.infer.backends import build_engine
 
                 board.engine = None
                 gc.collect()

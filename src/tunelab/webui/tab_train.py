@@ -11,12 +11,13 @@ import yaml
 
 from tunelab.config import ConfigError
 from tunelab.config.load import read_config_file
+from tunelab.config.stages import STAGE_SPECS
 from tunelab.training.output_dir import FINISHED_MARKER, RUN_CONFIG, last_checkpoint
 from tunelab.webui import models
 from tunelab.webui.board import REFRESH_SECONDS, Board, progress_html, sections_of, status_markdown
 from tunelab.webui.fields import TRAIN_HEAD_KEYS, widgets_from_config
 from tunelab.webui.locales import text
-from tunelab.webui.runs import STAGE_METRIC, curves, read_config, read_results
+from tunelab.webui.runs import curves, read_config, read_results
 
 
 def build(board: Board) -> None:
@@ -165,7 +166,8 @@ def build(board: Board) -> None:
                 return [status_markdown(None, lang), progress_html(None), gr.update(), gr.update(), gr.update(),
                         gr.update()]
             folder = board.job.folder
-            metric = STAGE_METRIC.get(str(read_config(folder).get("stage", "")), "")
+            stage = STAGE_SPECS.get(str(read_config(folder).get("stage", "sft")))
+            metric = stage.metric if stage else None
             return [status_markdown(job_status, lang), progress_html(job_status),
                     curves({folder.name: folder}, "loss"),
                     curves({folder.name: folder}, metric) if metric else gr.update(),

@@ -3,11 +3,12 @@
     tunelab train examples/smollm2_lora_dpo.yaml     # stage: dpo, pref_loss: sigmoid (hinge, ipo, orpo, simpo)
     tunelab train examples/smollm2_lora_orpo.yaml    # stage: orpo, the same as dpo with pref_loss: orpo
 
-Each batch of B pairs is 2B rows, the chosen replies first (`tunelab.data.PairwiseCollator`). One forward of the policy scores them
-all; one forward of the reference model (without gradients) likewise; `preference_losses` turns the log-probs of the
-reply tokens into one loss per pair. The reference is `ref_model` when given; with LoRA and no `ref_model` it is the
-policy with its adapter switched off (no second copy in memory); otherwise a frozen copy of the starting model
-(`model.frozen.load_reference_model`). orpo and simpo need none. `pref_ftx` adds an SFT loss on the chosen reply.
+Each batch of B pairs is 2B rows, the chosen replies first (`tunelab.data.PairwiseCollator`). One forward of the
+policy scores them all; one forward of the reference model (without gradients) likewise; `preference_losses` turns
+the log-probs of the reply tokens into one loss per pair. The reference is `ref_model` when given; with LoRA and no
+`ref_model` it is the policy with its adapter switched off (no second copy in memory); otherwise a frozen copy of
+the starting model (`model.frozen.load_reference_model`). orpo and simpo need none. `pref_ftx` adds an SFT loss on
+the chosen reply.
 
 Logged per step, as LLaMA-Factory logs them: rewards/chosen, rewards/rejected (beta x log-ratio, or beta x average
 log-prob for orpo and simpo), rewards/accuracies, rewards/margins, logps/*, logits/* (mean logit over the reply).
@@ -179,6 +180,8 @@ def run(config: Config) -> dict[str, Any]:
     prepared = prepare_run(config, needs_reference=config.pref_loss in REFERENCE_LOSSES)
     trainer = DPOTrainer(model=prepared.model, reference=prepared.reference, config=config, args=prepared.args,
                          train_dataset=prepared.splits.train, eval_dataset=prepared.splits.eval,
-                         data_collator=PairwiseCollator(prepared.collator.tokenizer, prepared.collator.pad_to_multiple_of), processing_class=prepared.tokenizer,
+                         data_collator=PairwiseCollator(prepared.collator.tokenizer,
+                                                        prepared.collator.pad_to_multiple_of),
+                         processing_class=prepared.tokenizer,
                          callbacks=[TrainerLogCallback()])
     return train_and_report(trainer, config, prepared.resume_from, PLOT_KEYS)

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from tunelab.config import Config
-from tunelab.training.rollout import Rollout, RolloutTrainer, masked_mean, run_rollout_stage
+from tunelab.training.rollout import RolloutTrainer, run_rollout_stage
+from tunelab.training.rollout_types import Rollout, masked_mean
 
 #: Keeps a group whose completions all scored the same at advantage 0 instead of 0 / 0.
 STD_EPSILON = 1e-4

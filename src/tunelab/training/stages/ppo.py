@@ -32,7 +32,8 @@ import torch
 
 from tunelab.config import Config
 from tunelab.model.value_head import ValueHeadModel
-from tunelab.training.rollout import Rollout, RolloutTrainer, masked_mean, masked_whiten, run_rollout_stage
+from tunelab.training.rollout import RolloutTrainer, run_rollout_stage
+from tunelab.training.rollout_types import Rollout, masked_mean, masked_whiten
 
 GAMMA, LAMBDA = 1.0, 0.95
 CLIP_RANGE, VALUE_CLIP_RANGE, VALUE_COEF = 0.2, 0.2, 0.1

@@ -1,0 +1,141 @@
+"""What a dataset is once resolved (`DatasetSpec`), the keys a dataset_info.json entry may hold, and `DataError`.
+
+A leaf of the data layer: the registry (dataset_info.json), the detection of data files named directly and the
+readers all build on it. Only the standard library is imported.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.config import ConfigError
+
+FORMATTINGS = ("alpaca", "sharegpt", "openai")
+
+#: Keys a dataset entry may hold. Sources tunelab cannot read are recognised so that they fail with the reason.
+ENTRY_KEYS = {"hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "formatting",
+              "ranking", "subset", "split", "folder", "num_samples", "columns", "tags"}
+COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos", "audios",
+               "chosen", "rejected", "kto_tag"}
+TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
+
+#: Column names a formatting reads when the entry has no `columns` object. As in LLaMA-Factory, a `columns` object
+#: replaces these defaults (a column it does not name is not read), and a `tags` object replaces DEFAULT_TAGS.
+DEFAULT_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+    "sharegpt": {"messages": "conversations"},
+    "openai": {"messages": "messages"},
+}
+#: Message keys and role names of the message formats when the entry has no `tags` object.
+DEFAULT_TAGS = {
+    "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
+    "openai": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"},
+}
+
+UNSUPPORTED_SOURCES = {
+    "om_hub_url": "Modelers hub datasets are not supported",
+    "script_url": "dataset loading scripts are not supported (datasets 4+ removed them)",
+    "cloud_file_name": "cloud-storage datasets are not supported",
+}
+HUBS = {"hf": "Hugging Face hub", "ms": "ModelScope hub"}
+#: Entry keys that only mean something for a hub repository.
+HUB_ONLY_KEYS = ("subset", "folder")
+
+#: File suffixes and the `datasets` builder that reads them.
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+            ".arrow": "arrow"}
+
+#: Dataset kinds (`DatasetSpec.kind`), as messages name them.
+DATASET_KINDS = {"plain": "a dataset without `ranking` or `kto_tag`",
+                 "preference": "a preference dataset (`ranking: true` with chosen and rejected columns)",
+                 "kto": "a KTO dataset (a `kto_tag` column)"}
+#: data kind -> the dataset kinds that provide it. Prompts can be taken from any chat dataset.
+KIND_SOURCES = {"pt": ("plain",), "sft": ("plain",), "pairwise": ("preference",), "kto": ("kto",),
+                "prompt": ("plain", "preference", "kto")}
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be used; the message names the file or entry, the sample and the rule.
+
+    A kind of ConfigError: both are the user's input, refused with a message and exit status 2, never a traceback."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset, resolved: a dataset_info.json entry, or a data file named directly (then `info_path` is None)."""
+
+    name: str
+    info_path: Path | None               # the dataset_info.json it came from, for messages
+    formatting: str = "alpaca"
+    ranking: bool = False
+    path: Path | None = None             # local file or folder
+    hub_url: str | None = None           # repository on the hub named by `hub`
+    hub: str = "hf"
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = None
+    columns: dict[str, str] | None = None   # None: the entry has no `columns` object (DEFAULT_COLUMNS apply)
+    tags: dict[str, str] | None = None      # None: no `tags` object (DEFAULT_TAGS apply)
+
+    @property
+    def where(self) -> str:
+        """The file, folder or hub repository, as shown in messages."""
+        return str(self.path) if self.path is not None else f"{self.hub}://{self.hub_url}"
+
+    @property
+    def kind(self) -> str:
+        """plain, preference or kto (see DATASET_KINDS)."""
+        return "preference" if self.ranking else "kto" if self.column("kto_tag") else "plain"
+
+    @property
+    def media_dir(self) -> Path | None:
+        """Where relative image/video/audio paths start: dataset_dir, as in LLaMA-Factory, or a direct file's folder."""
+        if self.info_path is not None:
+            return self.info_path.parent
+        if self.path is not None:
+            return self.path if self.path.is_dir() else self.path.parent
+        return None
+
+    def column(self, key: str) -> str | None:
+        """The column holding `key` (a `columns` key), or None when the dataset has none."""
+        return (self.columns if self.columns is not None else DEFAULT_COLUMNS[self.formatting]).get(key)
+
+    def tag(self, key: str) -> str | None:
+        """A message key or role name (a `tags` key) of a message formatting, or None when the dataset has none."""
+        return (self.tags if self.tags is not None else DEFAULT_TAGS[self.formatting]).get(key)
+
+    def files(self) -> list[Path]:
+        """The data files of a local dataset: the file itself, or the readable files directly in its folder."""
+        if self.path is None:
+            return []
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in BUILDERS)
+
+    def builder(self) -> str:
+        """The `datasets` builder that reads this dataset's files (json, csv, parquet, text, arrow)."""
+        return BUILDERS[self.files()[0].suffix.lower()]
+
+
+def json_error(path: Path, err: json.JSONDecodeError, line: int | None = None) -> DataError:
+    """`file:line:column: invalid JSON: reason` of a document, or of one JSON line (then `line` is its number)."""
+    if line is None:
+        return DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}")
+    return DataError(f"{path}:{line}:{err.colno}: invalid JSON line: {err.msg}")
+
+
+def check_files(spec: DatasetSpec, where: str) -> None:
+    """The path exists and holds data files of one readable type."""
+    if not spec.path.exists():
+        raise DataError(f"{where}: file not found: {spec.path}")
+    files = spec.files()
+    if not files:
+        raise DataError(f"{where}: folder {spec.path} holds no data file ({', '.join(BUILDERS)})")
+    kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in kinds:
+        raise DataError(f"{where}: cannot read {spec.path.suffix!r} files; use one of {', '.join(BUILDERS)}")
+    if len(kinds) > 1:
+        raise DataError(f"{where}: folder {spec.path} mixes file types ({', '.join(sorted(kinds))}); keep one")

@@ -1,0 +1,71 @@
+"""Text to (prompt, reply) token pieces, and the internal conversation in the form `apply_chat_template` takes.
+
+A template renders a conversation as text cut into prompt, reply, prompt, reply, ... pieces; `split_tokens` tokenizes
+the whole text in one piece, as `tokenizer.apply_chat_template` does, and cuts the ids at the piece borders.
+"""
+
+import json
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Any
+from weakref import WeakKeyDictionary
+
+Pairs = list[tuple[list[int], list[int]]]
+
+
+def split_tokens(tokenizer: Any, pieces: list[str]) -> list[list[int]]:
+    """Tokenize `"".join(pieces)` as one text (as `apply_chat_template` does) and cut its ids at the piece borders.
+
+    The ids are always the whole text's, so prompt and reply ids concatenated are exactly what inference sees. A
+    token belongs to the piece its text ends in: one that spans a border (Qwen's "\\n\\n" when a reply starts with a
+    newline after "assistant\\n") goes to the later piece. Fast tokenizers give each token's character span; others
+    are cut where the whole-text ids stop agreeing with the ids of the text up to each border.
+    """
+    backend = _backend(tokenizer)
+    if backend is None:
+        return _split_by_prefixes(tokenizer, pieces)
+    encoding = backend.encode("".join(pieces), add_special_tokens=False)
+    full, ends = encoding.ids, [end for _, end in encoding.offsets]
+    if any(a > b for a, b in zip(ends, ends[1:])):
+        return _split_by_prefixes(tokenizer, pieces)
+    borders = accumulate(len(piece) for piece in pieces[:-1])
+    cuts = [0, *(bisect_right(ends, border) for border in borders), len(full)]
+    return [full[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+_PROBE = "<|im_start|>user\n Hi  there,\t世界!\n\n</s><s>[INST] ok ✓<|im_end|>\n"
+_backends: "WeakKeyDictionary[Any, Any]" = WeakKeyDictionary()
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The tokenizer's Rust backend when it encodes exactly as the tokenizer does (checked once per tokenizer): calling
+    it directly gives character spans and halves the cost of encoding a sample. None for Python tokenizers."""
+    if tokenizer not in _backends:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        same = backend is not None and \
+            backend.encode(_PROBE, add_special_tokens=False).ids == tokenizer.encode(_PROBE, add_special_tokens=False)
+        _backends[tokenizer] = backend if same else None
+    return _backends[tokenizer]
+
+
+def _split_by_prefixes(tokenizer: Any, pieces: list[str]) -> list[list[int]]:
+    full = tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
+    prefix_ids = tokenizer(list(accumulate(pieces))[:-1], add_special_tokens=False)["input_ids"]
+    cuts = [0]
+    for ids in prefix_ids:
+        agree = next((n for n, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
+        cuts.append(max(agree, cuts[-1]))
+    cuts.append(len(full))
+    return [full[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def to_hf_messages(messages: list[dict[str, str]], system: str | None) -> list[dict[str, Any]]:
+    """The internal conversation as the messages `apply_chat_template` takes (OpenAI style tool calls)."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in messages:
+        if message["role"] == "tool_call":
+            calls = [{"type": "function", "function": call} for call in json.loads(message["content"])]
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    return out

@@ -1,0 +1,173 @@
+"""What several test modules share: the repository's paths, a standard training config and reading a run's log,
+running `tunelab train` under torchrun, and the reward stand-ins of the ppo and grpo tests. Test modules import
+from here, never from each other."""
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.model.value_head import ValueHeadModel
+
+REPO = Path(__file__).resolve().parents[1]
+#: Data and tokenizers of other projects, beside the repository; tests that read them skip when it is absent.
+SHARED = REPO.parent / "shared"
+LF_DATA = SHARED / "lf_data"
+TOKENIZERS = SHARED / "tokenizers"
+#: The SFT LoRA config of the user's documents (LLaMA-Factory's llama3_lora_sft.yaml), verbatim.
+SEED_YAML = """\
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_target: all
+
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 1024
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+
+val_size: 0.1
+per_device_eval_batch_size: 1
+eval_strategy: steps
+eval_steps: 500
+"""
+PROMPTS = ["Who are you?", "What is the capital of France? Answer in one word.", "Hi"]
+
+
+def run_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
+    config = {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset": "identity",
+        "dataset_dir": str(REPO / "data"),
+        "template": "chatml",
+        "cutoff_len": 128,
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "max_steps": 24,
+        "logging_steps": 2,
+        "save_steps": 12,
+        "lr_scheduler_type": "constant",
+        "report_to": "none",
+        "seed": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+def train_with_two_processes(config: dict, folder: Path, port: int) -> None:
+    """`tunelab train` on `config` under torchrun with 2 CPU processes (DDP over gloo); the test fails on an error."""
+    path = folder / "two_processes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_log(output_dir) if "loss" in r]
+
+
+@contextmanager
+def reward_server(score: Callable[[list[str]], list]) -> Iterator[str]:
+    """A real HTTP reward server on a free local port, answering `{"scores": score(messages)}`; yields its URL.
+    Every request body it got is kept in `reward_server.requests`."""
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            data = json.dumps({"scores": score(body["messages"])}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    reward_server.requests = requests
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/score"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_rm_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path:
+    """An rm stage's output as the rm stage writes it: a ValueHeadModel over a peft LoRA model, saved with
+    `save_pretrained` (adapter files + value_head.safetensors). Its weights are random, so it scores something."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights=False)
+    model = ValueHeadModel(get_peft_model(base, lora))
+    torch.nn.init.normal_(model.v_head.weight, std=0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@functools.lru_cache
+def favourite_token(model_dir: Path) -> int:
+    """The token the untrained model finds likeliest to open its answer to "Who are you?": a reward counting it has
+    something to find from the first step (a random model gives every token about the same small chance)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt_ids, _ = prompt_batch(tokenizer, PROMPTS[:1])
+    with torch.no_grad():
+        return int(model(prompt_ids).logits[0, -1].argmax())
+
+
+def prompt_batch(tokenizer, texts: list[str] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+            for t in texts]
+    rows = [row["input_ids"] if hasattr(row, "keys") else row for row in rows]
+    padded = tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt")
+    return padded["input_ids"], padded["attention_mask"]
+
+
