@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,6 +97,30 @@ def train_with_two_processes(config: dict, folder: Path, port: int) -> None:
     result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], folder: Path, port: int,
+                                               keys: tuple[str, ...], weights: tuple[str, ...]) -> list[dict]:
+    """Train `config_for(output_dir, **overrides)` (batch 2 per device) with 2 processes under torchrun and with 1
+    process and gradient accumulation 2: both see the same samples per step, so the logged `keys` and the saved
+    `weights` files must be the same. Returns the distributed run's log records."""
+    from safetensors.torch import load_file
+
+    import tunelab
+
+    two, one = folder / "two", folder / "one"
+    train_with_two_processes(config_for(two), folder, port)
+    tunelab.train(config_for(one, gradient_accumulation_steps=2))
+    records = {run: [r for r in read_log(run) if "loss" in r] for run in (two, one)}
+    assert [r["current_steps"] for r in records[two]] == [r["current_steps"] for r in records[one]]
+    for key in keys:
+        assert [r[key] for r in records[two]] == pytest.approx([r[key] for r in records[one]], rel=1e-4, abs=1e-6)
+    for name in weights:
+        ddp, accumulated = load_file(two / name), load_file(one / name)
+        assert ddp.keys() == accumulated.keys()
+        for tensor in ddp:
+            torch.testing.assert_close(ddp[tensor], accumulated[tensor], rtol=1e-4, atol=1e-6)
+    return records[two]
 
 
 def read_log(output_dir: Path) -> list[dict]:

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -175,24 +174,9 @@ def test_every_rule_has_a_case_and_the_base_config_breaks_none():
     load_config(BASE)
 
 
-def test_rollout_rules_name_the_stage_and_refuse_before_torch_loads(tmp_path):
+def test_rollout_rules_name_the_stage():
     assert "stage ppo learns from sampled completions" in error_of(
         {**BASE, "stage": "ppo", "reward_model": "rm", "num_beams": 2})
-    path = tmp_path / "cfg.yaml"
-    path.write_text(textwrap.dedent("""\
-        model_name_or_path: m
-        stage: grpo
-        reward_funcs: m:f
-        do_train: true
-        dataset: identity
-        output_dir: out
-        save_strategy: best
-        """))
-    code = ("import sys; from tunelab.cli import main; rc = main(['train', sys.argv[1]]);"
-            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; print(rc, heavy)")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    assert result.stdout.strip() == "2 []"
-    assert "which stage grpo has not" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_orpo_and_simpo_stages_are_dpo_with_their_loss():
@@ -225,19 +209,18 @@ def test_every_stage_has_a_module_that_runs_it():
         assert callable(stage_module(stage).run), stage
 
 
-def test_cli_config_error_exits_2_without_importing_torch(tmp_path):
+@pytest.mark.parametrize(("extra_yaml", "override", "message"), [
+    ("", "learning_rte=1e-4", "did you mean `learning_rate`"),
+    ("stage: grpo\nreward_funcs: m:f\nsave_strategy: best\n", "do_train=true", "which stage grpo has not"),
+])
+def test_cli_config_error_exits_2_without_importing_torch(tmp_path, extra_yaml, override, message):
     path = tmp_path / "cfg.yaml"
-    path.write_text(textwrap.dedent("""\
-        model_name_or_path: m
-        do_train: true
-        dataset: identity
-        output_dir: out
-        """))
-    code = ("import sys; from tunelab.cli import main; rc = main(['train', sys.argv[1], 'learning_rte=1e-4']);"
+    path.write_text("model_name_or_path: m\ndo_train: true\ndataset: identity\noutput_dir: out\n" + extra_yaml)
+    code = ("import sys; from tunelab.cli import main; rc = main(['train', sys.argv[1], sys.argv[2]]);"
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; print(rc, heavy)")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, str(path), override], capture_output=True, text=True)
     assert result.stdout.strip() == "2 []"
-    assert "did you mean `learning_rate`" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_help_usage_and_unknown_command(capsys):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunelab
-from helpers import LF_DATA, read_log, run_config, train_with_two_processes
+from helpers import LF_DATA, assert_two_processes_train_as_accumulation, read_log, run_config
 
 
 def dpo_config(model_dir, output_dir, **overrides) -> dict:
@@ -177,19 +177,12 @@ def test_batch_times_accumulation_gives_the_same_losses_and_rewards(tiny_model_d
 
 @pytest.mark.distributed
 def test_two_processes_train_dpo_as_one_process_with_accumulation_does(tiny_model_dir, tmp_path):
-    """2 processes x 2 pairs and 1 process x 2 pairs x accumulation 2 see the same pairs per step: same losses, same
-    reward margins (gathered from both processes), same adapter."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    common = {"max_steps": 4, "logging_steps": 2, "per_device_train_batch_size": 2}
-    train_with_two_processes(dpo_config(tiny_model_dir, two, **common), tmp_path, 29541)
-    tunelab.train(dpo_config(tiny_model_dir, one, gradient_accumulation_steps=2, **common))
-    records = {run: [r for r in read_log(run) if "loss" in r] for run in (two, one)}
-    assert [r["current_steps"] for r in records[two]] == [2, 4], "only rank 0 writes the log"
-    for key in ("loss", "rewards/margins"):
-        assert [r[key] for r in records[two]] == pytest.approx([r[key] for r in records[one]], rel=1e-4, abs=1e-6)
-    ddp, accumulated = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
-    for name in ddp:
-        torch.testing.assert_close(ddp[name], accumulated[name], rtol=1e-4, atol=1e-6)
+    """Same losses, same reward margins (gathered from both processes), same adapter."""
+    records = assert_two_processes_train_as_accumulation(
+        lambda out, **more: dpo_config(tiny_model_dir, out, max_steps=4, logging_steps=2, per_device_train_batch_size=2,
+                                       **more),
+        tmp_path, 29541, keys=("loss", "rewards/margins"), weights=("adapter_model.safetensors",))
+    assert [r["current_steps"] for r in records] == [2, 4]
 
 
 @pytest.mark.skipif(not LF_DATA.is_dir(), reason="../shared/lf_data (LLaMA-Factory's demo data) is absent")

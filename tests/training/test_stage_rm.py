@@ -21,7 +21,7 @@ from tunelab.model import load_tokenizer
 from tunelab.model.frozen import load_full_reward_model
 from tunelab.model.value_head import ValueHeadModel, last_token_scores
 from tunelab.data import PairwiseCollator
-from helpers import LF_DATA, read_log, run_config, train_with_two_processes
+from helpers import LF_DATA, assert_two_processes_train_as_accumulation, read_log, run_config
 
 
 
@@ -192,20 +192,13 @@ def test_interrupted_reward_model_resumes_to_the_same_head(tiny_model_dir, tmp_p
 
 @pytest.mark.distributed
 def test_two_processes_train_a_reward_model_as_one_process_with_accumulation_does(tiny_model_dir, tmp_path):
-    """2 processes x 2 pairs and 1 process x 2 pairs x accumulation 2: same losses and accuracies, same adapter and
-    value head."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    common = {"max_steps": 4, "per_device_train_batch_size": 2, "val_size": 0.0}
-    train_with_two_processes(rm_config(tiny_model_dir, two, **common), tmp_path, 29531)
-    tunelab.train(rm_config(tiny_model_dir, one, gradient_accumulation_steps=2, **common))
-    records = {run: [r for r in read_log(run) if "loss" in r] for run in (two, one)}
-    assert [r["current_steps"] for r in records[two]] == [2, 4], "only rank 0 writes the log"
-    for key in ("loss", "rewards/accuracies"):
-        assert [r[key] for r in records[two]] == pytest.approx([r[key] for r in records[one]], rel=1e-4, abs=1e-6)
-    for weights in ("adapter_model.safetensors", "value_head.safetensors"):
-        ddp, accumulated = load_file(two / weights), load_file(one / weights)
-        for name in ddp:
-            torch.testing.assert_close(ddp[name], accumulated[name], rtol=1e-4, atol=1e-6)
+    """Same losses and accuracies, same adapter and value head."""
+    records = assert_two_processes_train_as_accumulation(
+        lambda out, **more: rm_config(tiny_model_dir, out, max_steps=4, per_device_train_batch_size=2, val_size=0.0,
+                                      **more),
+        tmp_path, 29531, keys=("loss", "rewards/accuracies"),
+        weights=("adapter_model.safetensors", "value_head.safetensors"))
+    assert [r["current_steps"] for r in records] == [2, 4]
 
 
 @pytest.mark.skipif(not LF_DATA.is_dir(), reason="../shared/lf_data (LLaMA-Factory's demo data) is absent")
