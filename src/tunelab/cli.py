@@ -23,8 +23,11 @@ USAGE = f"""tunelab {__version__}: fine-tune open-weight LLMs from one YAML file
 usage: tunelab <command> [arguments]
 
 commands:
-  train CONFIG [key=value | --key value ...]
-                   train as CONFIG (.yaml or .json) says; later values override earlier ones
+  train [CONFIG] [key=value | --key value ...]
+                   train as CONFIG (.yaml or .json) says; later values override earlier ones.
+                   Without CONFIG the keys alone are the config, as LLaMA-Factory's command line takes them:
+                   tunelab train --stage sft --model_name_or_path M --dataset D --output_dir OUT --do_train
+                   (every command taking CONFIG takes the keys alone too)
   data preview CONFIG [-n N] [key=value ...]
                    show N tokenized samples with their trained tokens highlighted, and statistics
                    per dataset (kept and skipped samples, lengths, truncation), without loading weights
@@ -75,14 +78,23 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def cmd_train(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: tunelab train CONFIG [key=value | --key value ...]\n"
-              "Keys and their defaults: `tunelab help keys`. Example: tunelab train examples/quickstart.yaml")
-        return 0
+def load_config_args(args: list[str]) -> "Config":
+    """The config of `CONFIG [key=value | --key value ...]`, or of the keys alone (no file), as LLaMA-Factory's
+    command line takes them: `tunelab train --stage sft --model_name_or_path ... --dataset ...`."""
     from tunelab.config import load_config
 
-    config = load_config(args[0], parse_overrides(args[1:]))
+    if args[0].startswith("--") or "=" in args[0]:
+        return load_config({}, parse_overrides(args))
+    return load_config(args[0], parse_overrides(args[1:]))
+
+
+def cmd_train(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: tunelab train [CONFIG] [key=value | --key value ...]\n"
+              "Keys and their defaults: `tunelab help keys`. Example: tunelab train examples/quickstart.yaml\n"
+              "Without a file: tunelab train --stage sft --model_name_or_path M --dataset D --output_dir OUT ...")
+        return 0
+    config = load_config_args(args)
     from tunelab.data import resolve_datasets
 
     # Dataset names and files are checked now, before torch loads, so a typo costs a moment rather than a minute.
@@ -99,13 +111,13 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_data(args: list[str]) -> int:
-    usage = "usage: tunelab data preview CONFIG [-n N] [key=value | --key value ...]"
+    usage = "usage: tunelab data preview [CONFIG] [-n N] [key=value | --key value ...]"
     if {"-h", "--help"} & set(args[:2]):
         print(usage)
         return 0
     if len(args) < 2 or args[0] != "preview":
         raise UsageError(usage)
-    rest, samples = args[2:], 3
+    rest, samples = args[1:], 3
     for flag in ("-n", "--samples"):
         if flag in rest:
             at = rest.index(flag)
@@ -113,9 +125,9 @@ def cmd_data(args: list[str]) -> int:
                 raise UsageError(f"{flag} needs a number of samples")
             samples = int(rest[at + 1])
             rest = rest[:at] + rest[at + 2:]
-    from tunelab.config import load_config
-
-    config = load_config(args[1], parse_overrides(rest))
+    if not rest:
+        raise UsageError(usage)
+    config = load_config_args(rest)
     from tunelab.data import prepare_template, preview
     from tunelab.model import load_tokenizer
     from tunelab.training.run import setup_logging
@@ -129,11 +141,9 @@ def cmd_data(args: list[str]) -> int:
 def _config_of(command: str, args: list[str], what: str) -> "Config | None":
     """The config of a command taking CONFIG [key=value ...]; None after printing its usage for --help."""
     if not args or args[0] in ("-h", "--help"):
-        print(f"usage: tunelab {command} CONFIG [key=value | --key value ...]\n{what}")
+        print(f"usage: tunelab {command} [CONFIG] [key=value | --key value ...]\n{what}")
         return None
-    from tunelab.config import load_config
-
-    config = load_config(args[0], parse_overrides(args[1:]))
+    config = load_config_args(args)
     from tunelab.training.run import setup_logging
 
     setup_logging()

@@ -224,7 +224,24 @@ def test_cli_config_error_exits_2_without_importing_torch(tmp_path, extra_yaml, 
 
 
 def test_cli_help_usage_and_unknown_command(capsys):
-    assert main(["--help"]) == 0 and "train CONFIG" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "train [CONFIG]" in capsys.readouterr().out
     assert main(["trian"]) == 2 and "did you mean `train`" in capsys.readouterr().err
     assert main(["train", "cfg.yaml", "stray"]) == 2 and "expected key=value" in capsys.readouterr().err
     assert main(["help", "keys"]) == 0 and "learning_rate" in capsys.readouterr().out
+
+
+def test_keys_alone_make_a_config_as_on_llamafactorys_command_line():
+    from tunelab.cli import load_config_args
+
+    keys = ["--stage", "sft", "--model_name_or_path", "m", "--do_train", "--dataset", "identity,alpaca_en_demo",
+            "--output_dir", "out", "--learning_rate", "1e-4"]
+    flags = load_config_args(keys)
+    assigned = load_config_args(["stage=sft", "model_name_or_path=m", "do_train=true",
+                                 "dataset=identity,alpaca_en_demo", "output_dir=out", "learning_rate=1e-4"])
+    assert flags == assigned
+    assert (flags.stage, flags.do_train, flags.dataset, flags.learning_rate) == ("sft", True,
+                                                                                ["identity", "alpaca_en_demo"], 1e-4)
+    with pytest.raises(ConfigError, match="config file not found: stage"):
+        load_config_args(["stage"])
+    with pytest.raises(ConfigError, match="did you mean `learning_rate`"):
+        load_config_args([*keys, "--learning_rte", "1"])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import tunelab
 from tunelab.config import ConfigError
-from helpers import LF_DATA, assert_two_processes_train_as_accumulation, SEED_YAML, losses, read_log, run_config
+from helpers import LF_DATA, REPO, SEED_YAML, assert_two_processes_train_as_accumulation, losses, read_log, run_config
 
 LOG_FIELDS = {"current_steps", "total_steps", "loss", "lr", "epoch", "percentage", "elapsed_time", "remaining_time",
               "throughput", "total_tokens"}
@@ -303,3 +303,15 @@ def test_the_trained_template_travels_with_the_weights_and_is_the_default_at_inf
     assert other.name == "llama3"
     [warning] = set(warnings())  # pytest may hand a record to caplog twice once a run has set tunelab's handler
     assert "trained with template 'qwen' (tool_format qwen)" in warning and "'llama3' (tool_format llama3)" in warning
+
+
+def test_the_command_line_without_a_config_file_trains(tiny_model_dir, tmp_path):
+    from tunelab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--stage", "sft", "--do_train", "--model_name_or_path", str(tiny_model_dir),
+                 "--dataset", "identity", "--dataset_dir", str(REPO / "data"), "--template", "chatml",
+                 "--finetuning_type", "lora", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
+                 "--learning_rate", "1e-2", "--report_to", "none"]) == 0
+    assert [r["current_steps"] for r in read_log(out) if "loss" in r] == [2, 4]
+    assert (out / "adapter_model.safetensors").exists()
