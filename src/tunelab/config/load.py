@@ -13,19 +13,12 @@ from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Literal
 
+from tunelab.config.llamafactory import DECIDED_BY_TUNELAB, SAME_AS_TUNELAB, UNSUPPORTED
 from tunelab.config.passthrough import IGNORED_TRAINING_KEYS, PASSTHROUGH_TRAINING_KEYS, RENAMED_TRAINING_KEYS
 from tunelab.config.rules import check_rules
 from tunelab.config.schema import Config, public_fields
 
 #: LLaMA-Factory keys tunelab knows but does not implement yet: accepted while off, refused when switched on.
-NOT_YET_SUPPORTED = {
-    "use_unsloth", "enable_liger_kernel", "image_max_pixels", "image_min_pixels", "video_max_pixels",
-    "video_min_pixels", "video_fps", "freeze_vision_tower", "freeze_multi_modal_projector", "pref_bco_weight",
-    "ld_alpha", "use_galore", "use_apollo", "use_badam", "pissa_init",
-    "loraplus_lr_ratio", "shift_attn", "moe_aux_loss_coef", "upcast_layernorm", "upcast_lmhead_output",
-    "use_llama_pro", "print_param_status", "compute_accuracy", "export_quantization_bit",
-    "export_quantization_dataset", "export_legacy_format", "vllm_config",
-}
 
 
 SCHEMA_KEYS = frozenset(f.name for f in public_fields())
@@ -103,18 +96,19 @@ def _accept(key: str, value: Any, where: str, accepted: dict, problems: list[str
     """Record one key/value, or explain why the key is not accepted."""
     if key in RENAMED_TRAINING_KEYS:
         key = RENAMED_TRAINING_KEYS[key]
-    if key in IGNORED_TRAINING_KEYS:
+    if key in IGNORED_TRAINING_KEYS or key in DECIDED_BY_TUNELAB:
         return
     if key in SCHEMA_KEYS or key in PASSTHROUGH_TRAINING_KEYS:
         accepted[key] = (where, value)
-    elif key in NOT_YET_SUPPORTED:
+    elif key in UNSUPPORTED:
         parsed = _parse_text(value) if from_text else value
-        if parsed not in (None, False, 0, "", [], "none"):
-            problems.append(f"{where}: `{key}` is a LLaMA-Factory option tunelab does not support yet "
-                            f"(remove it or set it to false/null)")
+        if parsed not in (None, False, 0, "", [], "none", *SAME_AS_TUNELAB.get(key, ())):
+            problems.append(f"{where}: `{key}` is a LLaMA-Factory option tunelab does not support "
+                            f"({UNSUPPORTED[key]}): remove it or set it to false/null")
     else:
         candidates = sorted(SCHEMA_KEYS | PASSTHROUGH_TRAINING_KEYS)
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        # Only a close match is a likely typo; a distant one (use_muon -> use_cpu) misleads.
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
         hint = f" (did you mean `{close[0]}`?)" if close else " (see `tunelab help keys`)"
         problems.append(f"{where}: unknown key `{key}`{hint}")
 
