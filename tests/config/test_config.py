@@ -246,3 +246,15 @@ def test_keys_alone_make_a_config_as_on_llamafactorys_command_line():
         load_config_args(["stage"])
     with pytest.raises(ConfigError, match="did you mean `learning_rate`"):
         load_config_args([*keys, "--learning_rte", "1"])
+
+
+@pytest.mark.parametrize(("keys", "module", "install"), [
+    ({"deepspeed": "ds_z2.json"}, "deepspeed", "pip install deepspeed"),
+    ({"finetuning_type": "qlora"}, "bitsandbytes", "pip install 'tunelab[quantization]'"),
+    ({"report_to": "wandb"}, "wandb", "pip install wandb"),
+    ({"optim": "galore_adamw", "optim_target_modules": "all-linear"}, "galore_torch", "pip install galore-torch"),
+])
+def test_a_missing_optional_package_is_named_when_the_config_loads(keys, module, install, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package looks like
+    message = error_of({**BASE, **keys})
+    assert f"needs the `{module}` package, which is not installed: {install}" in message

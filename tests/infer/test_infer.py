@@ -225,7 +225,7 @@ def test_webchat_page_answers_through_its_api(engine):
 def test_vllm_backend_without_vllm_says_so(tiny_model_dir):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    with pytest.raises(ConfigError, match="needs the vllm package"):
+    with pytest.raises(ConfigError, match=r"`infer_backend: vllm` needs the `vllm` package, which is not installed"):
         build_engine(load_config(engine_config(tiny_model_dir, infer_backend="vllm")))
 
 

@@ -166,7 +166,8 @@ def test_two_processes_predict_what_one_does(tiny_model_dir, eval_data, tmp_path
 
 def test_missing_metrics_extra_is_named_before_the_model_loads(tiny_model_dir, eval_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_chinese", None)  # what an environment without the package looks like
-    with pytest.raises(ConfigError, match=r"rouge-chinese: pip install 'tunelab\[metrics\]'"):
+    with pytest.raises(ConfigError, match=r"needs the `rouge_chinese` package, which is not installed: "
+                                          r"pip install 'tunelab\[metrics\]'"):
         tunelab.train(predict_config(tiny_model_dir, tmp_path / "run", eval_dataset="questions",
                                      dataset_dir=str(eval_data)))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.config.llamafactory import DECIDED_BY_TUNELAB, SAME_AS_TUNELAB, UNSUPPORTED
+from tunelab.config.packages import missing_packages
 from tunelab.config.passthrough import IGNORED_TRAINING_KEYS, PASSTHROUGH_TRAINING_KEYS, RENAMED_TRAINING_KEYS
 from tunelab.config.rules import check_rules
 from tunelab.config.schema import Config, public_fields
@@ -60,7 +61,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
     if problems:
         raise ConfigError(_format(problems))
     config = Config(**kwargs, extra_training_args=extra)
-    problems = check_rules(config)
+    problems = check_rules(config) or missing_packages(config)
     if problems:
         raise ConfigError(_format([f"{origin}: {p}" for p in problems]))
     return config

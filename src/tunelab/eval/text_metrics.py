@@ -14,30 +14,20 @@
 jieba, nltk and rouge-chinese are the optional extra `metrics` (pip install 'tunelab[metrics]'), imported on first use.
 """
 
-import importlib.util
 import logging
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from tunelab.config import ConfigError
 
 #: distribution name -> module name of the packages the scores need.
-PACKAGES = {"jieba": "jieba", "nltk": "nltk", "rouge-chinese": "rouge_chinese"}
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-
-
-def check_installed() -> None:
-    """Raise a ConfigError naming the install command when a package the scores need is missing."""
-    missing = [name for name, module in PACKAGES.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise ConfigError(f"`do_predict` scores predictions with BLEU and ROUGE, which need {', '.join(missing)}: "
-                          f"pip install 'tunelab[metrics]'")
 
 
 @cache
 def _libraries() -> tuple[Any, Any, Any, Any]:
-    check_installed()
+    # Installed with the metrics extra; a config with do_predict is refused at load when they are missing
+    # (config/packages.py).
     import jieba
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from rouge_chinese import Rouge

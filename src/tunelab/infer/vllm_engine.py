@@ -17,11 +17,7 @@ from tunelab.model.loader import resolve_source
 
 class VllmEngine(Engine):
     def __init__(self, config: Config) -> None:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ConfigError("`infer_backend: vllm` needs the vllm package, which runs on NVIDIA/AMD GPUs: "
-                              "`pip install 'tunelab[vllm]'` there, or use `infer_backend: huggingface`") from None
+        from vllm import LLM  # installed: config/packages.py refuses the config otherwise
         source = resolve_source(config)
         adapters = config.adapter_name_or_path or []
         if source.gguf_file or config.quantization_bit is not None or len(adapters) > 1 or config.stage == "rm":

@@ -252,9 +252,6 @@ def _quantization_kwargs(config: Config, source: ModelSource, compute_dtype: "to
     import torch
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"`quantization_bit: {config.quantization_bit}` needs the `bitsandbytes` package, which is "
-                          f"not installed (pip install 'tunelab[quantization]')")
     if source.gguf_file is not None:
         raise ConfigError("`quantization_bit` cannot be applied to a .gguf model: load a float checkpoint instead")
     if config.quantization_bit == 8:

@@ -4,29 +4,14 @@ Built before any model or dataset is loaded, so a value transformers rejects (a 
 an optimizer whose package is missing) stops the run at once with a ConfigError.
 """
 
-import importlib.util
 
 from transformers import TrainingArguments
 
 from tunelab.config import Config, ConfigError
 
-#: Optimizers and trackers that need a package beyond the core stack: (marker in the value, module, pip name).
-OPTIMIZER_PACKAGES = (("bnb", "bitsandbytes", "bitsandbytes"), ("galore", "galore_torch", "galore-torch"),
-                      ("apollo", "apollo_torch", "apollo-torch"))
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-                    "mlflow": ("mlflow", "mlflow"), "swanlab": ("swanlab", "swanlab")}
-
-
 def build_training_arguments(config: Config) -> TrainingArguments:
     import torch
 
-    for marker, module, package in OPTIMIZER_PACKAGES:
-        if marker in config.optim and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"`optim: {config.optim}` needs the `{package}` package: pip install {package}")
-    for tracker in config.report_to:
-        module, package = TRACKER_PACKAGES.get(tracker, (None, None))
-        if module and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"`report_to: {tracker}` needs the `{package}` package: pip install {package}")
     # No CUDA: say so, or transformers refuses bf16/fp16 on the CPU (mixed precision still runs there).
     on_cpu = not torch.cuda.is_available()
     values = dict(

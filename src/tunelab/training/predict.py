@@ -45,11 +45,10 @@ PREDICTIONS_FILE = "generated_predictions.jsonl"
 
 
 def check_prediction(args: TrainingArguments) -> None:
-    """Refuse, before the model loads, what prediction cannot do: score without the metrics extra, or generate from
-    a model sharded across processes (each process generates its own prompts with a whole copy)."""
+    """Refuse, before the model loads, what prediction cannot do: generate from a model sharded across processes
+    (each process generates its own prompts with a whole copy)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    text_metrics.check_installed()
     if is_deepspeed_zero3_enabled() or args.fsdp:
         raise ConfigError("`do_predict` generates with a whole copy of the model on every process, but DeepSpeed "
                           "ZeRO-3 and FSDP shard it: predict in a run without `deepspeed` (ZeRO-3) and `fsdp`")
