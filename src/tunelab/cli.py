@@ -38,6 +38,8 @@ commands:
   webui            the training board in the browser: train, evaluate, chat, export, compare runs
                    (127.0.0.1:7860; another address needs TUNELAB_WEBUI_AUTH=user:password)
   export CONFIG    merge the adapters and write the model to export_dir (safetensors, tokenizer, Modelfile)
+  expand MODEL OUTPUT_DIR --num_expand N
+                   LLaMA Pro: insert N blocks that leave the output unchanged (then train with use_llama_pro)
   eval CONFIG      multiple-choice benchmark (task: mmlu_test, ceval_validation, cmmlu_test, sample_test)
   env              versions of the stack and the machine's CPU/GPU, for bug reports
   version          print the version
@@ -215,6 +217,28 @@ def model_command(name: str) -> Callable[[list[str]], int]:
     return run
 
 
+def cmd_expand(args: list[str]) -> int:
+    usage = ("usage: tunelab expand MODEL OUTPUT_DIR --num_expand N [--trust_remote_code]\n"
+             "LLaMA Pro: insert N decoder blocks that leave the model's output unchanged, one after every L/N layers\n"
+             "(MODEL: a local folder, hub id, .gguf file or tunelab: name). Then train the new folder with\n"
+             "`use_llama_pro: true` and `freeze_trainable_layers: N` (finetuning_type freeze or lora).")
+    if {"-h", "--help"} & set(args):
+        print(usage)
+        return 0
+    if len(args) < 2 or args[0].startswith("--") or args[1].startswith("--"):
+        raise UsageError(usage)
+    options = dict(parse_overrides(args[2:]))
+    if set(options) - {"num_expand", "trust_remote_code"} or not options.get("num_expand", "").isdigit():
+        raise UsageError(usage)
+    from tunelab.model.llama_pro import expand_blocks
+    from tunelab.training.run import setup_logging
+
+    setup_logging()
+    expand_blocks(args[0], args[1], int(options["num_expand"]),
+                  trust_remote_code=options.get("trust_remote_code", "false").lower() == "true")
+    return 0
+
+
 def cmd_webui(args: list[str]) -> int:
     if args:
         print("usage: tunelab webui\nThe training board. Environment: GRADIO_SERVER_NAME (127.0.0.1), "
@@ -256,6 +280,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data": cmd_data,
     "chat": cmd_chat,
     **{name: model_command(name) for name in MODEL_COMMANDS},
+    "expand": cmd_expand,
     "webui": cmd_webui,
     "env": cmd_env,
     "version": cmd_version,

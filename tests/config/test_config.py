@@ -100,9 +100,9 @@ def test_keys_transformers_5_removed_are_handled():
 
 
 def test_llamafactory_keys_not_supported_yet_are_refused_only_when_switched_on():
-    assert load_config({**BASE, "packing": False, "use_unsloth": False}).dataset == ["identity"]
-    assert "`use_unsloth` is a LLaMA-Factory option tunelab does not support (a GPU kernel" in error_of(
-        {**BASE, "use_unsloth": True})
+    assert load_config({**BASE, "packing": False, "use_kt": False}).dataset == ["identity"]
+    assert "`use_kt` is a LLaMA-Factory option tunelab does not support (a GPU kernel" in error_of(
+        {**BASE, "use_kt": True})
 
 
 # One config per rule that breaks exactly that rule, keyed by a phrase of the rule's message.
@@ -156,11 +156,42 @@ RULE_CASES = {
     "is not supported by stage": {"stage": "grpo", "reward_funcs": "m:f", "streaming": True, "max_steps": 4},
     "needs an evaluation metric": {"stage": "ppo", "reward_model": "rm", "save_strategy": "best"},
     "runs its own loop on accelerate": {"stage": "ppo", "reward_model": "rm", "fsdp": "full_shard"},
+    "are LoRA variants": {"finetuning_type": "full", "use_dora": True},
+    "takes exactly one of `oft_rank` and `oft_block_size`": {"finetuning_type": "oft", "oft_rank": 4},
+    "`pissa_convert` converts a PiSSA adapter": {"pissa_convert": True},
+    "cannot serve as this stage's reference": {"stage": "dpo", "pissa_init": True},
+    "cannot run on a quantized base": {"pissa_init": True, "quantization_bit": 4},
+    "`pissa_convert` is not supported there": {"stage": "grpo", "reward_funcs": "m:f", "grpo_beta": 0,
+                                               "pissa_init": True, "pissa_convert": True},
+    "cannot convert a DoRA adapter": {"pissa_init": True, "pissa_convert": True, "use_dora": True},
+    "`module_dropout` applies to": {"module_dropout": 0.1},
+    "needs a positive `freeze_trainable_layers`": {"finetuning_type": "freeze", "use_llama_pro": True,
+                                                   "freeze_trainable_layers": -2},
+    "optimize the base weights themselves": {"use_galore": True},
+    "each choose the optimizer": {"finetuning_type": "full", "use_muon": True, "use_adam_mini": True},
+    "train with one process only": {"finetuning_type": "full", "use_badam": True},
+    "they need `gradient_accumulation_steps: 1`": {"finetuning_type": "full", "use_apollo": True,
+                                                  "apollo_layerwise": True, "gradient_accumulation_steps": 2},
+    "`use_badam` switches blocks": {"finetuning_type": "freeze", "use_badam": True},
+    "trains one block all run long": {"finetuning_type": "full", "use_badam": True, "badam_switch_mode": "fixed"},
+    "bring their own optimizer": {"finetuning_type": "full", "use_muon": True, "optim": "sgd"},
+    "build their optimizer on the unsharded model": {"loraplus_lr_ratio": 16, "fsdp": "full_shard"},
+    "builds its own optimizer from `optim`": {"stage": "grpo", "reward_funcs": "m:f", "use_muon": True},
+    "`use_llama_pro` trains the expanded blocks only": {"finetuning_type": "full", "use_llama_pro": True},
+    "change the SFT loss": {"stage": "pt", "use_dft_loss": True},
+    "are different losses": {"use_dft_loss": True, "use_eaft_loss": True},
+    "is not the base model ASFT anchors to": {"pissa_init": True, "use_asft_loss": True},
+    "`moe_aux_loss_coef` is applied by the pt and sft stages only": {"stage": "rm", "moe_aux_loss_coef": 0.01},
+    "`pure_bf16` trains in bfloat16 throughout": {"pure_bf16": True, "fp16": True},
 }
+#: Environment a rule case needs: a torchrun process of a two-process run.
+RULE_ENV = {"train with one process only": {"WORLD_SIZE": "2"}}
 
 
 @pytest.mark.parametrize("phrase", sorted(RULE_CASES))
-def test_each_rule_refuses_its_combination(phrase):
+def test_each_rule_refuses_its_combination(phrase, monkeypatch):
+    for name, value in RULE_ENV.get(phrase, {}).items():
+        monkeypatch.setenv(name, value)
     values = {**BASE, **RULE_CASES[phrase]}
     if phrase.startswith("`model_name_or_path`"):
         values.pop("model_name_or_path")
@@ -252,7 +283,10 @@ def test_keys_alone_make_a_config_as_on_llamafactorys_command_line():
     ({"deepspeed": "ds_z2.json"}, "deepspeed", "pip install deepspeed"),
     ({"finetuning_type": "qlora"}, "bitsandbytes", "pip install 'tunelab[quantization]'"),
     ({"report_to": "wandb"}, "wandb", "pip install wandb"),
-    ({"optim": "galore_adamw", "optim_target_modules": "all-linear"}, "galore_torch", "pip install galore-torch"),
+    ({"optim": "galore_adamw", "optim_target_modules": "all-linear"}, "galore_torch",
+     "pip install 'tunelab[methods]'"),
+    ({"finetuning_type": "full", "use_badam": True}, "badam", "pip install 'tunelab[methods]'"),
+    ({"use_adam_mini": True}, "adam_mini", "pip install 'tunelab[methods]'"),
 ])
 def test_a_missing_optional_package_is_named_when_the_config_loads(keys, module, install, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package looks like

@@ -23,7 +23,7 @@ from tunelab.webui.app import read_logins
 from tunelab.webui.fields import (FIELDS, JOB_KEYS, SECTION_TAB, SECTIONS, config_from_widgets, keys_named,
                                   validate, widgets_from_config)
 from tunelab.webui.jobs import Job, last_lines, progress_of, start_job
-from tunelab.webui.locales import KEY_TEXTS, TEXTS
+from tunelab.webui.locales import KEY_TEXTS, TEXTS, key_text
 from tunelab.webui.runs import curves, find_runs
 from helpers import REPO
 
@@ -43,9 +43,33 @@ def test_every_schema_key_has_a_widget_a_section_and_a_label_in_every_language()
         assert set(texts) == set(TEXTS["en"]), lang
 
 
+def test_each_method_has_its_section_as_on_llama_board():
+    section = {key: spec.section for key, spec in FIELDS.items()}
+    for method in ("oft", "galore", "apollo", "badam"):
+        own = [key for key in FIELDS if key.startswith(f"{method}_") or key == f"use_{method}"]
+        assert len(own) >= 3 and {section[key] for key in own} == {method}, method
+    assert section["module_dropout"] == "oft"
+    assert {section[key] for key in ("loraplus_lr_ratio", "pissa_init", "pissa_convert")} == {"lora"}
+    # What no method claims sits in the "extra" section, as in LLaMA Board.
+    assert {section[key] for key in ("use_adam_mini", "use_muon", "use_llama_pro", "use_dft_loss", "eaft_alpha",
+                                     "moe_aux_loss_coef", "pure_bf16", "enable_liger_kernel", "fp8")} == {"method"}
+    # LoRA's own keys come first in its section, LoRA+ and PiSSA after them.
+    lora = [key for key in FIELDS if section[key] == "lora"]
+    assert lora[:4] == ["lora_rank", "lora_alpha", "lora_dropout", "lora_target"]
+    assert lora.index("create_new_adapter") < lora.index("loraplus_lr_ratio")
+    for lang, texts in TEXTS.items():
+        assert {f"sec_{name}" for name in SECTIONS if name != "head"} <= set(texts), lang
+
+
+def test_english_labels_spell_method_names_as_their_authors():
+    assert [key_text(key, "", "en")[0] for key in ("galore_rank", "use_badam", "loraplus_lr_ratio", "oft_rank",
+                                                   "vllm_maxlen", "learning_rate")] == \
+        ["GaLore rank", "Use BAdam", "LoRA+ LR ratio", "OFT rank", "vLLM maxlen", "Learning rate"]
+
+
 def test_widget_kinds_and_ranges_come_from_the_schema():
     assert FIELDS["stage"].widget == "dropdown" and "dpo" in FIELDS["stage"].choices
-    assert set(FIELDS["finetuning_type"].choices) == {"full", "freeze", "lora", "qlora"}
+    assert set(FIELDS["finetuning_type"].choices) == {"full", "freeze", "lora", "qlora", "oft"}
     assert FIELDS["lora_rank"].widget == "number" and FIELDS["lora_rank"].integer and FIELDS["lora_rank"].minimum == 1
     assert FIELDS["learning_rate"].widget == "number" and not FIELDS["learning_rate"].integer
     assert FIELDS["quantization_bit"].widget == "dropdown" and None in FIELDS["quantization_bit"].choices

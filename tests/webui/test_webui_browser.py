@@ -4,7 +4,8 @@ One board runs for the whole module, started with the real command (`python -m t
 its output root in a temporary folder; the tests run in file order, each building on the last: bad values are
 refused with the CLI's message, a LoRA run on a tiny model goes to the end, a YAML saved from the board trains the
 same losses from the command line, a run is aborted and resumed, the page follows a run across a reload, the labels
-switch to Chinese, the trained adapter chats, predicts and exports, and the Runs tab overlays two runs.
+switch to Chinese, a method's closed section opens on its keys, the trained adapter chats, predicts and exports, and
+the Runs tab overlays two runs.
 
 Screenshots of every tab land in `build/board-screenshots/` (or $TUNELAB_SCREENSHOTS) for a person to look at.
 """
@@ -313,6 +314,30 @@ def test_chinese_labels_use_the_seed_terms(page):
     shot(page, "train-zh")
     choose(page, "lang", "English")
     page.get_by_text("Learning rate", exact=False).first.wait_for(timeout=10_000)
+
+
+def test_method_sections_are_closed_until_opened(page):
+    """Each training method's keys wait in a closed section; GaLore's, opened, show with their labels in both
+    languages."""
+    # Closed: gradio 6 draws no widget of a closed section, gradio 5 draws it hidden.
+    for name, first_key in (("oft", "oft_rank"), ("galore", "use_galore"), ("apollo", "use_apollo"),
+                            ("badam", "use_badam"), ("method", "use_adam_mini")):
+        assert page.locator(f"#tl-sec-{name}").is_visible() and not page.locator(f"#tl-{first_key}").is_visible()
+    header = page.locator("#tl-sec-galore button.label-wrap").first
+    header.click()
+    page.locator("#tl-galore_rank").wait_for(state="visible", timeout=10_000)
+    for label in ("Use GaLore", "GaLore rank", "GaLore update interval", "GaLore proj type"):
+        assert label in text_of(page, "tl-sec-galore"), label
+    assert not page.locator("#tl-apollo_rank").is_visible()  # opening one section opens no other
+    shot(page, "train-galore")
+    choose(page, "lang", "中文")
+    wait_text(page, "tl-sec-galore", "GaLore 秩")
+    assert "GaLore 配置" in text_of(page, "tl-sec-galore") and "使用 GaLore" in text_of(page, "tl-sec-galore")
+    shot(page, "train-galore-zh")
+    choose(page, "lang", "English")
+    wait_text(page, "tl-sec-galore", "GaLore rank")
+    header.click()
+    page.locator("#tl-galore_rank").wait_for(state="hidden", timeout=10_000)
 
 
 def test_chat_with_the_trained_adapter_streams(page, workdir, tiny_model_dir):

@@ -32,18 +32,19 @@ _GROUPS = {
         video_fps video_maxlen audio_sampling_rate use_audio_in_video freeze_vision_tower
         freeze_multi_modal_projector freeze_language_model media_dir""",
     "a training method tunelab does not have yet": """
-        use_galore galore_target galore_rank galore_update_interval galore_scale galore_proj_type galore_layerwise
-        use_apollo apollo_target apollo_rank apollo_update_interval apollo_scale apollo_proj apollo_proj_type
-        apollo_scale_type apollo_layerwise apollo_scale_front use_badam badam_mode badam_start_block
-        badam_switch_mode badam_switch_interval badam_update_ratio badam_mask_mode badam_verbose use_adam_mini
-        use_muon pissa_init pissa_iter pissa_convert loraplus_lr_ratio loraplus_lr_embedding oft_rank oft_block_size
-        oft_target module_dropout use_llama_pro use_dft_loss use_asft_loss asft_alpha use_eaft_loss eaft_alpha
-        pref_bco_weight ld_alpha mixture_of_depths shift_attn pure_bf16 moe_aux_loss_coef upcast_layernorm
-        upcast_lmhead_output init_special_tokens new_special_tokens_config split_special_tokens""",
+        pref_bco_weight ld_alpha mixture_of_depths shift_attn init_special_tokens new_special_tokens_config
+        split_special_tokens""",
     "a GPU kernel or accelerator stack tunelab does not integrate": """
-        use_unsloth use_unsloth_gc enable_liger_kernel use_v1_kernels use_kt kt_weight_path kt_expert_checkpoint_path
-        kt_use_lora_experts kt_lora_expert_num kt_lora_expert_intermediate_size fp8 fp8_backend
-        fp8_enable_fsdp_float8_all_gather use_mca use_hyper_parallel hyper_parallel_args block_diag_attn""",
+        use_v1_kernels use_kt kt_weight_path kt_expert_checkpoint_path kt_use_lora_experts kt_lora_expert_num
+        kt_lora_expert_intermediate_size use_hyper_parallel hyper_parallel_args hyper_parallel_cp_size
+        block_diag_attn""",
+    "Megatron-Core training (use_mca, use_megatron_bridge) is not integrated: tunelab scales with DDP, DeepSpeed "
+    "and FSDP": """
+        use_mca use_megatron_bridge megatron_bridge_args tensor_model_parallel_size pipeline_model_parallel_size
+        virtual_pipeline_model_parallel_size context_parallel_size expert_model_parallel_size sequence_parallel
+        use_distributed_optimizer overlap_param_gather overlap_grad_reduce bias_activation_fusion apply_rope_fusion
+        moe_grouped_gemm moe_token_dispatcher_type recompute_granularity mixed_precision use_packed_sequences
+        export_hf_on_finish""",
     "inference engines other than huggingface and vllm, and engine configs, are not supported": """
         sglang_maxlen sglang_mem_fraction sglang_tp_size sglang_config sglang_lora_backend vllm_config use_kv_cache
         adapter_folder""",
@@ -59,7 +60,9 @@ _GROUPS = {
     "torchrun reads the address of the first node from MASTER_ADDR and MASTER_PORT": "master_addr master_port",
     "ModelScope and Modelers hub tokens are not used: tunelab reads the Hugging Face hub (hf_hub_token)":
         "ms_hub_token om_hub_token",
-    "tunelab quantizes with bitsandbytes only (`quantization_method: bnb`)": "quantization_method",
+    "tunelab quantizes on the fly with bitsandbytes only (`quantization_method: bnb`): transformers 5 cannot train "
+    "through HQQ, EETQ needs a CUDA GPU, and GPTQ/AWQ/AQLM models are quantized already (load them without "
+    "`quantization_method`)": "quantization_method",
     "not supported yet": """
         compute_accuracy disable_shuffling early_stopping_steps eval_num_beams eval_on_each_dataset preserve_thinking
         model_max_length batch_eval_metrics ddp_static_graph debug enable_jit_checkpoint eval_use_gather_object

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.config.llamafactory import DECIDED_BY_TUNELAB, SAME_AS_TUNELAB, UNSUPPORTED
+from tunelab.config.llamafactory_v1 import V1_ONLY_KEYS, is_v1_config, translate_v1
 from tunelab.config.packages import missing_packages
 from tunelab.config.passthrough import IGNORED_TRAINING_KEYS, PASSTHROUGH_TRAINING_KEYS, RENAMED_TRAINING_KEYS
 from tunelab.config.rules import check_rules
@@ -32,6 +33,9 @@ class ConfigError(ValueError):
 def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, str]] = ()) -> Config:
     """Build a validated Config from a YAML/JSON file path or a dict, then apply command-line overrides.
 
+    A LLaMA-Factory v1 config (`model`, `train_dataset`, ...) is read as the tunelab keys it means
+    (`config/llamafactory_v1.py`); overrides are tunelab keys either way.
+
     `overrides` are (key, raw string) pairs as typed on the command line; their values are parsed by the key's
     declared type, so `eval_strategy=no` stays the string "no".
     """
@@ -40,9 +44,14 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
     else:
         origin, values = str(source), read_config_file(Path(source))
     problems: list[str] = []
+    where = dict.fromkeys(values, origin)
+    if is_v1_config(values):
+        # LLaMA-Factory's v1 format: read as the tunelab keys it means, each message naming its v1 key.
+        v1 = translate_v1(values, origin)
+        values, where, problems = v1.values, v1.where, v1.problems
     accepted: dict[str, tuple[str, Any]] = {}
     for key, value in values.items():
-        _accept(str(key), value, origin, accepted, problems, from_text=False)
+        _accept(str(key), value, where[key], accepted, problems, from_text=False)
     for key, raw in overrides:
         _accept(key, raw, "command line", accepted, problems, from_text=True)
 
@@ -111,6 +120,8 @@ def _accept(key: str, value: Any, where: str, accepted: dict, problems: list[str
         # Only a close match is a likely typo; a distant one (use_muon -> use_cpu) misleads.
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
         hint = f" (did you mean `{close[0]}`?)" if close else " (see `tunelab help keys`)"
+        if key in V1_ONLY_KEYS:  # not a typo: on the command line, or in a config that also holds v0 keys
+            hint = " (see `tunelab help keys`); it is a LLaMA-Factory v1 key, read only in a v1 config (no v0 keys)"
         problems.append(f"{where}: unknown key `{key}`{hint}")
 
 

@@ -4,6 +4,7 @@ Each rule is a predicate that is true when the config is *wrong*, and the messag
 key has its declared type, so a predicate reads plain values. Each rule has a test in `tests/config/test_config.py`.
 """
 
+import os
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -35,6 +36,23 @@ def _is_url(value: str | None) -> bool:
     return bool(value) and value.startswith(("http://", "https://"))
 
 
+#: The optimizers that replace the Trainer's (`optim`); one at a time.
+_OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon", "loraplus_lr_ratio")
+_SFT_LOSS_KEYS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")
+
+
+def _chosen(c: Config, keys: tuple[str, ...]) -> list[str]:
+    return [key for key in keys if getattr(c, key) not in (None, False)]
+
+
+def _processes() -> int:
+    """Processes the run trains with: torchrun's WORLD_SIZE inside it, else what `tunelab train` will launch."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    forced = os.environ.get("FORCE_TORCHRUN", "0").lower() in ("1", "true")
+    return int(os.environ.get("NPROC_PER_NODE", "1")) * int(os.environ.get("NNODES", "1")) if forced else 1
+
+
 RULES: tuple[Rule, ...] = (
     Rule(lambda c: c.model_name_or_path is None,
          "`model_name_or_path` is required: a hub id, a local model folder or a .gguf file"),
@@ -43,10 +61,11 @@ RULES: tuple[Rule, ...] = (
     Rule(lambda c: c.do_train and not c.output_dir,
          "`do_train` needs `output_dir` (where the trained weights and logs go)"),
     Rule(lambda c: c.bf16 and c.fp16, "`bf16` and `fp16` are exclusive: pick one"),
-    Rule(lambda c: c.quantization_bit is not None and not c.uses_lora,
-         "`quantization_bit` needs `finetuning_type: lora` (QLoRA): quantized weights cannot be trained directly"),
-    Rule(lambda c: bool(c.adapter_name_or_path) and not c.uses_lora,
-         "`adapter_name_or_path` needs `finetuning_type: lora`"),
+    Rule(lambda c: c.quantization_bit is not None and not c.uses_adapter,
+         "`quantization_bit` needs `finetuning_type: lora` (QLoRA) or `oft`: quantized weights cannot be trained "
+         "directly"),
+    Rule(lambda c: bool(c.adapter_name_or_path) and not c.uses_adapter,
+         "`adapter_name_or_path` needs `finetuning_type: lora` or `oft`"),
     Rule(lambda c: c.create_new_adapter and not c.adapter_name_or_path,
          "`create_new_adapter` needs `adapter_name_or_path` (the adapters to merge first)"),
     Rule(lambda c: c.train_on_prompt and c.mask_history,
@@ -122,6 +141,74 @@ RULES: tuple[Rule, ...] = (
          "the odds-ratio term against it"),
     Rule(lambda c: (c.kto_chosen_weight, c.kto_rejected_weight) != (1.0, 1.0) and c.stage != "kto",
          "`kto_chosen_weight` and `kto_rejected_weight` apply to `stage: kto` only"),
+    # The training methods of method_options.py.
+    Rule(lambda c: (c.use_rslora or c.use_dora or c.pissa_init or c.loraplus_lr_ratio is not None)
+         and not c.uses_lora,
+         "`use_rslora`, `use_dora`, `pissa_init` and `loraplus_lr_ratio` are LoRA variants: they need "
+         "`finetuning_type: lora`"),
+    Rule(lambda c: c.method == "oft" and (c.oft_rank == 0) == (c.oft_block_size == 0),
+         "`finetuning_type: oft` takes exactly one of `oft_rank` and `oft_block_size` (the other 0): each fixes "
+         "the other through the layer's width"),
+    Rule(lambda c: c.pissa_convert and not c.pissa_init, "`pissa_convert` converts a PiSSA adapter: it needs "
+         "`pissa_init: true`"),
+    Rule(lambda c: c.pissa_init and _uses_reference(c),
+         "`pissa_init` moves the principal part of the base weights into the adapter, so the base model without it "
+         "cannot serve as this stage's reference: use plain LoRA, or a stage without a reference model"),
+    Rule(lambda c: c.pissa_init and c.quantization_bit is not None,
+         "`pissa_init` decomposes the float weights: it cannot run on a quantized base (`quantization_bit`)"),
+    Rule(lambda c: c.pissa_convert and _stage(c).rollout,
+         "stage {stage} saves through its own loop: `pissa_convert` is not supported there"),
+    Rule(lambda c: c.pissa_convert and c.use_dora,
+         "`pissa_convert` cannot convert a DoRA adapter (its magnitudes come from the PiSSA residual weights): "
+         "remove `use_dora` or `pissa_convert`"),
+    Rule(lambda c: c.module_dropout > 0 and c.method != "oft",
+         "`module_dropout` applies to `finetuning_type: oft`"),
+    Rule(lambda c: bool(_chosen(c, _OPTIMIZER_KEYS[:3])) and c.uses_adapter,
+         "`use_galore`, `use_apollo` and `use_badam` optimize the base weights themselves: they need "
+         "`finetuning_type: full` or `freeze`, not an adapter"),
+    Rule(lambda c: len(_chosen(c, _OPTIMIZER_KEYS)) > 1,
+         f"{', '.join(f'`{k}`' for k in _OPTIMIZER_KEYS)} each choose the optimizer: set one of them"),
+    Rule(lambda c: (c.galore_layerwise and c.use_galore or c.apollo_layerwise and c.use_apollo
+                    or c.use_badam) and _processes() > 1,
+         "`galore_layerwise`, `apollo_layerwise` and `use_badam` train with one process only: layer-wise updates "
+         "happen during the backward pass, where DDP has not averaged the gradients yet, and BAdam's ranks drift "
+         "apart (the blocks it switches on after DDP wraps the model are not averaged)"),
+    Rule(lambda c: (c.galore_layerwise and c.use_galore or c.apollo_layerwise and c.use_apollo)
+         and c.gradient_accumulation_steps > 1,
+         "`galore_layerwise` and `apollo_layerwise` update each layer as soon as its gradient exists: they need "
+         "`gradient_accumulation_steps: 1`"),
+    Rule(lambda c: c.use_badam and c.badam_mode == "layer" and c.badam_switch_mode == "fixed"
+         and c.badam_start_block is None,
+         "`badam_switch_mode: fixed` trains one block all run long: name it with `badam_start_block`"),
+    Rule(lambda c: (c.use_galore or c.use_apollo or c.use_adam_mini or c.use_muon
+                    or c.use_badam and c.badam_mode == "ratio") and c.optim != "adamw_torch",
+         "`use_galore`, `use_apollo`, `use_adam_mini`, `use_muon` and BAdam's ratio mode bring their own optimizer: "
+         "leave `optim` at adamw_torch"),
+    Rule(lambda c: bool(_chosen(c, _OPTIMIZER_KEYS)) and bool(c.extra_training_args.get("fsdp")
+                                                              or c.extra_training_args.get("deepspeed")),
+         f"{', '.join(f'`{k}`' for k in _OPTIMIZER_KEYS)} build their optimizer on the unsharded model: they are not "
+         "supported with `fsdp` or `deepspeed` yet"),
+    Rule(lambda c: c.use_badam and c.method != "full",
+         "`use_badam` switches blocks of the whole model on in turn: it needs `finetuning_type: full`"),
+    Rule(lambda c: _stage(c).rollout and bool(_chosen(c, _OPTIMIZER_KEYS)),
+         "stage {stage} builds its own optimizer from `optim`: "
+         f"{', '.join(f'`{k}`' for k in _OPTIMIZER_KEYS)} are not supported there"),
+    Rule(lambda c: c.use_llama_pro and c.method not in ("freeze", "lora"),
+         "`use_llama_pro` trains the expanded blocks only: it needs `finetuning_type: freeze` or `lora`"),
+    Rule(lambda c: c.use_llama_pro and c.freeze_trainable_layers < 0,
+         "`use_llama_pro` needs a positive `freeze_trainable_layers`: the number of blocks the expansion added"),
+    Rule(lambda c: bool(_chosen(c, _SFT_LOSS_KEYS)) and c.stage != "sft",
+         "`use_dft_loss`, `use_asft_loss` and `use_eaft_loss` change the SFT loss: they apply to `stage: sft` only"),
+    Rule(lambda c: c.pissa_init and c.use_asft_loss,
+         "`pissa_init` moves the principal part of the base weights into the adapter, so the model with its adapter "
+         "off is not the base model ASFT anchors to: use plain LoRA with `use_asft_loss`"),
+    Rule(lambda c: c.moe_aux_loss_coef is not None and c.stage not in ("pt", "sft"),
+         "`moe_aux_loss_coef` is applied by the pt and sft stages only: the other stages' losses do not add the "
+         "router loss"),
+    Rule(lambda c: len(_chosen(c, _SFT_LOSS_KEYS)) > 1,
+         "`use_dft_loss`, `use_asft_loss` and `use_eaft_loss` are different losses: set one of them"),
+    Rule(lambda c: c.pure_bf16 and c.fp16,
+         "`pure_bf16` trains in bfloat16 throughout: it cannot run with `fp16`"),
     Rule(lambda c: (c.do_predict or c.predict_with_generate) and c.stage != "sft",
          "`do_predict` and `predict_with_generate` apply to `stage: sft` only"),
     Rule(lambda c: c.do_predict != c.predict_with_generate,

@@ -11,22 +11,16 @@ are listed in `config/passthrough.py` rather than redeclared here.
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from tunelab.config.method_options import (AdapterVariantOptions, LayerAndLossOptions, OptimizerOptions,
+                                           PrecisionOptions)
+from tunelab.config.option import option
 from tunelab.config.stages import STAGE_SPECS, STAGES
 
 #: Preference losses of the dpo stage; `stage: orpo` and `stage: simpo` are shorthands for dpo with that loss.
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 #: Losses that compare the policy with a reference model (orpo and simpo need none).
 REFERENCE_LOSSES = ("sigmoid", "hinge", "ipo")
-METHODS = ("full", "freeze", "lora", "qlora")
-
-
-def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
-           exclusive_minimum: bool = False) -> Any:
-    """A config key: its default, one line of help, and the numeric range it accepts."""
-    meta = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+METHODS = ("full", "freeze", "lora", "qlora", "oft")
 
 
 @dataclass
@@ -241,8 +235,9 @@ class TrainingOptions:
 
 
 @dataclass
-class Config(ModelOptions, DataOptions, MethodOptions, PreferenceOptions, RewardOptions, GenerationOptions,
-             InferenceOptions, ExportOptions, EvaluationOptions, TrainingOptions):
+class Config(ModelOptions, DataOptions, MethodOptions, AdapterVariantOptions, OptimizerOptions, LayerAndLossOptions,
+             PrecisionOptions, PreferenceOptions, RewardOptions, GenerationOptions, InferenceOptions, ExportOptions,
+             EvaluationOptions, TrainingOptions):
     """Everything one tunelab run needs. Build it with `tunelab.config.load_config`, which validates it."""
 
     #: Keys of transformers' TrainingArguments that tunelab forwards without interpreting them.
@@ -265,6 +260,16 @@ class Config(ModelOptions, DataOptions, MethodOptions, PreferenceOptions, Reward
     @property
     def uses_lora(self) -> bool:
         return self.method == "lora"
+
+    @property
+    def sft_loss_variant(self) -> bool:
+        """Whether sft trains with a token-weighted loss (DFT, EAFT, ASFT) instead of the cross-entropy."""
+        return self.use_dft_loss or self.use_eaft_loss or self.use_asft_loss
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Whether training adds a peft adapter (LoRA or OFT) to a frozen base."""
+        return self.method in ("lora", "oft")
 
 
 def public_fields() -> list:

@@ -5,7 +5,9 @@
 A name is looked up in `{dataset_dir}/dataset_info.json`, whose schema is LLaMA-Factory's (its data/README.md), so a
 user's file works as is. Beyond LLaMA-Factory, a name that is not registered may be the path of a data file or folder
 (relative to the working directory or to `dataset_dir`); its format is then detected from its first sample
-(`spec_for_path`). Hub datasets (`hf_hub_url`, `ms_hub_url`) are read by `read_hub_dataset`.
+(`spec_for_path`). Or the path of a LLaMA-Factory v1 dataset yaml, which names several datasets
+(`read_v1_datasets`; v1 configs name one as `train_dataset`). Hub datasets (`hf_hub_url`, `ms_hub_url`) are read by
+`read_hub_dataset`.
 
 Only the standard library is imported here: tunelab checks dataset names and files before torch, transformers or
 datasets load. pyarrow (parquet and arrow files) and datasets (hubs) are imported inside the functions that read them.
@@ -14,13 +16,21 @@ datasets load. pyarrow (parquet and arrow files) and datasets (hubs) are importe
 import difflib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.llamafactory_v1 import HUB, NO_CONVERTER
 from tunelab.config.stages import STAGE_SPECS
-from tunelab.data.detect import spec_for_path
+from tunelab.data.detect import first_record, spec_for_path
 from tunelab.data.spec import (COLUMN_KEYS, DATASET_KINDS, ENTRY_KEYS, FORMATTINGS, HUB_ONLY_KEYS, HUBS, KIND_SOURCES,
-                               TAG_KEYS, UNSUPPORTED_SOURCES, DataError, DatasetSpec, check_files, json_error)
+                               TAG_KEYS, UNSUPPORTED_SOURCES, V1_CONVERTER_COLUMNS, V1_ENTRY_KEYS, V1_PAIR, V1_SPLIT,
+                               V1_STREAMING,
+                               DataError, DatasetSpec, check_files, count_rows, json_error)
+
+#: The suffixes of a LLaMA-Factory v1 dataset yaml (v1 itself takes .yaml only).
+V1_YAML_SUFFIXES = (".yaml", ".yml")
+
 
 def read_dataset_info(dataset_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """Parse `{dataset_dir}/dataset_info.json`, naming the position of any syntax error."""
@@ -37,8 +47,9 @@ def read_dataset_info(dataset_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def resolve_datasets(names: list[str] | None, dataset_dir: str | Path, stage: str | None = None) -> list[DatasetSpec]:
-    """A spec per name: its dataset_info.json entry, or the data file it names. With `stage`, each dataset must be
-    of a kind the stage trains on. Every problem found is raised at once, as one DataError."""
+    """A spec per name: its dataset_info.json entry, or the data file it names (one per entry of a v1 dataset yaml).
+    With `stage`, each dataset must be of a kind the stage trains on. Every problem found is raised at once, as one
+    DataError."""
     if not names:
         return []
     info_path = Path(dataset_dir) / "dataset_info.json"
@@ -48,12 +59,17 @@ def resolve_datasets(names: list[str] | None, dataset_dir: str | Path, stage: st
     specs: list[DatasetSpec] = []
     for name in names:
         try:
-            spec = _spec_for_name(name, info, info_path, Path(dataset_dir))
-            if stage is not None:
-                check_stage(spec, stage)
-            specs.append(spec)
+            found = _specs_for_name(name, info, info_path, Path(dataset_dir))
         except DataError as err:
             problems.append(str(err))
+            continue
+        for spec in found:
+            try:
+                if stage is not None:
+                    check_stage(spec, stage)
+                specs.append(spec)
+            except DataError as err:
+                problems.append(str(err))
     if problems:
         raise DataError("\n".join(dict.fromkeys(problems)))  # an unknown stage is one problem, not one per name
     return specs
@@ -75,12 +91,14 @@ def check_stage(spec: DatasetSpec, stage: str) -> None:
                         f"trains on {wanted}")
 
 
-def _spec_for_name(name: str, info: dict[str, Any], info_path: Path, dataset_dir: Path) -> DatasetSpec:
+def _specs_for_name(name: str, info: dict[str, Any], info_path: Path, dataset_dir: Path) -> list[DatasetSpec]:
     if name in info:
-        return _make_spec(name, info[name], info_path)
+        return [_make_spec(name, info[name], info_path)]
     for candidate in (Path(name), dataset_dir / name):
+        if candidate.is_file() and candidate.suffix.lower() in V1_YAML_SUFFIXES:
+            return read_v1_datasets(candidate)
         if candidate.exists():
-            return spec_for_path(candidate, name=name)
+            return [spec_for_path(candidate, name=name)]
     if not info_path.is_file():
         raise DataError(f"dataset {name!r}: not a file or folder, and there is no {info_path} to look it up in "
                         f"(`dataset_dir` must be the folder holding dataset_info.json)")
@@ -156,6 +174,102 @@ def _check_keys(mapping: Any, known: set[str], where: str, what: str) -> None:
             raise DataError(f"{where}: unknown {what} `{key}`{hint}")
         if what != "key" and not isinstance(value, str):
             raise DataError(f"{where}: {what} `{key}` must name a column or tag as a string, got {value!r}")
+
+
+# ---------------------------------------------------------------- LLaMA-Factory v1 dataset yamls
+
+
+def read_v1_datasets(path: Path) -> list[DatasetSpec]:
+    """The datasets a LLaMA-Factory v1 dataset yaml lists (`name: {path, source: local, converter, size, ...}`).
+
+    Each entry is a data file read with the columns its converter reads, `path` relative to the working directory
+    (v1's loader hands it to `datasets.load_dataset` as it is), and `size` / `weight` as its `num_samples`. What
+    tunelab would read differently is refused: every problem at once, each naming the yaml, the entry and the key.
+    """
+    import yaml
+
+    try:
+        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise DataError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(entries, dict) or not entries:
+        raise DataError(f"{path}: expected dataset names mapped to entries (a LLaMA-Factory v1 dataset yaml), got "
+                        f"{entries!r}")
+    problems: list[str] = []
+    specs = [_v1_spec(str(name), entry, path, problems) for name, entry in entries.items()]
+    if problems:
+        raise DataError("\n".join(problems))
+    return specs
+
+
+def _v1_spec(name: str, entry: Any, yaml_path: Path, problems: list[str]) -> DatasetSpec | None:
+    """One entry as a spec, or None with its problems appended."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        problems.append(f"{yaml_path}: `{name}` (v1): expected an entry with a `path`, got {entry!r}")
+        return None
+    found = _v1_entry_problems(name, entry, yaml_path)
+    if found:
+        problems.extend(found)
+        return None
+    converter, size, weight = entry["converter"], entry.get("size"), entry.get("weight")
+    spec = DatasetSpec(name=name, info_path=None, formatting=converter, path=Path(entry["path"]))
+    try:
+        check_files(spec, f"{yaml_path}: `{name}.path` (relative to the working directory, as v1 reads it)")
+        first = first_record(spec.files()[0])
+        core = next(iter(V1_CONVERTER_COLUMNS[converter].values()))
+        if core not in first:
+            raise DataError(f"{yaml_path}: `{name}.converter: {converter}`: sample 0 of {spec.files()[0]} has no "
+                            f"`{core}` column, which v1's {converter} converter reads")
+        # v1 draws `size` samples at random with replacement, then weight x as many again from those. tunelab's
+        # num_samples takes the same number, as a seeded subset without replacement (whole copies of the dataset
+        # first when larger): the same count and share of the mix, though v1 may draw a sample twice where
+        # tunelab has rows to spare. v1 also counts a multi-turn conversation once per assistant turn, tunelab once.
+        count = size if weight is None else int((size if size is not None else count_rows(spec)) * weight)
+        if count is not None and count < 1:
+            raise DataError(f"{yaml_path}: `{name}.weight: {weight}` leaves no samples of the dataset")
+    except DataError as err:
+        problems.append(str(err))
+        return None
+    columns = {key: column for key, column in V1_CONVERTER_COLUMNS[converter].items() if column in first}
+    return replace(spec, columns=columns, num_samples=count)
+
+
+def _v1_entry_problems(name: str, entry: dict[str, Any], yaml_path: Path) -> list[str]:
+    """What is wrong with an entry's keys, or what tunelab would read otherwise than v1."""
+    problems: list[str] = []
+
+    def refuse(key: str, value: Any, reason: str) -> None:
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        problems.append(f"{yaml_path}: `{name}.{key}: {shown}` (v1) is a LLaMA-Factory setting tunelab does not "
+                        f"support ({reason})")
+
+    def invalid(key: str, message: str) -> None:
+        problems.append(f"{yaml_path}: `{name}.{key}` (v1): {message}")
+
+    for key in entry:
+        if key not in V1_ENTRY_KEYS:
+            close = difflib.get_close_matches(str(key), V1_ENTRY_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(V1_ENTRY_KEYS)})"
+            problems.append(f"{yaml_path}: unknown key `{name}.{key}` of a v1 dataset entry{hint}")
+    source, converter, split = entry.get("source", "hf_hub"), entry.get("converter"), entry.get("split", "train")
+    if source != "local":
+        refuse("source", source, HUB)
+    if converter is None or converter == "pair":
+        refuse("converter", converter, NO_CONVERTER if converter is None else V1_PAIR)
+    elif not isinstance(converter, str) or converter not in V1_CONVERTER_COLUMNS:
+        invalid("converter", f"got {converter!r}; expected one of: alpaca, sharegpt, pair")
+    if split != "train":
+        refuse("split", split, V1_SPLIT)
+    if entry.get("streaming", False) is not False:
+        refuse("streaming", entry["streaming"], V1_STREAMING)
+    size, weight = entry.get("size"), entry.get("weight")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        invalid("size", f"got {size!r}; expected a positive integer")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
+        invalid("weight", f"got {weight!r}; expected a positive number")
+    return problems
 
 
 # ---------------------------------------------------------------- hubs

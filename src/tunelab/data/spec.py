@@ -1,9 +1,12 @@
-"""What a dataset is once resolved (`DatasetSpec`), the keys a dataset_info.json entry may hold, and `DataError`.
+"""What a dataset is once resolved (`DatasetSpec`), the keys a dataset_info.json entry (or an entry of a
+LLaMA-Factory v1 dataset yaml) may hold, and `DataError`.
 
-A leaf of the data layer: the registry (dataset_info.json), the detection of data files named directly and the
-readers all build on it. Only the standard library is imported.
+A leaf of the data layer: the registry (dataset_info.json, v1 dataset yamls), the detection of data files named
+directly and the readers all build on it. Only the standard library is imported (pyarrow inside the functions that
+count the rows of parquet and arrow files).
 """
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,22 @@ UNSUPPORTED_SOURCES = {
 HUBS = {"hf": "Hugging Face hub", "ms": "ModelScope hub"}
 #: Entry keys that only mean something for a hub repository.
 HUB_ONLY_KEYS = ("subset", "folder")
+
+#: Keys of an entry of a LLaMA-Factory v1 dataset yaml (`name: {path: FILE, source: local, converter: alpaca}`).
+V1_ENTRY_KEYS = ("path", "source", "converter", "split", "streaming", "size", "weight")
+_V1_MEDIA = {"images": "images", "videos": "videos", "audios": "audios"}
+#: v1 converter -> the columns it reads (`columns` key -> column), the one it cannot do without first. v1 reads
+#: what a sample holds, so a file's columns among these are read. v1's sharegpt role names are DEFAULT_TAGS.
+V1_CONVERTER_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system", **_V1_MEDIA},
+    "sharegpt": {"messages": "conversations", "tools": "tools", **_V1_MEDIA},
+}
+V1_PAIR = ("v1's pair layout holds chosen and rejected as whole conversations; tunelab's preference data is a "
+           "prompt with a chosen and a rejected reply")
+V1_SPLIT = ("tunelab reads a local file's one split, train, and other splits of hub datasets in "
+            "dataset_info.json")
+V1_STREAMING = ("v1 cannot train on a stream: its batch generator raises 'Iterable dataset is not supported yet'; "
+                "leave it out, and give tunelab's `streaming=true` to stream")
 
 #: File suffixes and the `datasets` builder that reads them.
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
@@ -139,3 +158,43 @@ def check_files(spec: DatasetSpec, where: str) -> None:
         raise DataError(f"{where}: cannot read {spec.path.suffix!r} files; use one of {', '.join(BUILDERS)}")
     if len(kinds) > 1:
         raise DataError(f"{where}: folder {spec.path} mixes file types ({', '.join(sorted(kinds))}); keep one")
+
+
+def count_rows(spec: DatasetSpec) -> int:
+    """How many samples a local dataset holds, as `datasets` reads its files (a v1 `weight` scales it)."""
+    total = 0
+    for path in spec.files():
+        try:
+            total += ROW_COUNTERS[BUILDERS[path.suffix.lower()]](path)
+        except json.JSONDecodeError as err:
+            raise json_error(path, err) from None
+    return total
+
+
+def _json_rows(path: Path) -> int:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return len(json.loads(text))
+    return sum(1 for line in text.splitlines() if line.strip())  # JSON lines
+
+
+def _csv_rows(path: Path) -> int:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return sum(1 for _ in csv.DictReader(handle))
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _arrow_rows(path: Path) -> int:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().num_rows
+
+
+#: builder -> how many samples one of its files holds (text files have no column a v1 converter reads).
+ROW_COUNTERS = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows, "arrow": _arrow_rows}

@@ -32,7 +32,7 @@ from tunelab.data import prepare_template
 from tunelab.data.template import modelfile
 from tunelab.model.generation import generation_config
 from tunelab.model.loader import hub_kwargs, load_model, load_tokenizer, resolve_source
-from tunelab.model.methods import load_adapters_for_inference
+from tunelab.model.adapters import load_adapters_for_inference
 from tunelab.model.value_head import VALUE_HEAD_FILE, has_value_head
 
 if TYPE_CHECKING:
@@ -123,13 +123,14 @@ def _value_head_folder(config: Config) -> Path | None:
 def _merged_model(config: Config, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
     """The base model with every adapter merged in, in the export dtype, on the device `export_device` picks.
 
-    bf16/fp16 are mixed-precision training switches; `infer_dtype` alone decides the export's dtype.
+    bf16/fp16/pure_bf16 are training switches; `infer_dtype` alone decides the export's dtype.
     """
     import torch
 
     dtype = getattr(torch, config.infer_dtype) if config.infer_dtype != "auto" else _own_dtype(config)
     device = "cuda" if config.export_device == "auto" and torch.cuda.is_available() else "cpu"
-    base = load_model(replace(config, adapter_name_or_path=None, bf16=False, fp16=False), tokenizer, trainable=False)
+    base = load_model(replace(config, adapter_name_or_path=None, bf16=False, fp16=False, pure_bf16=False), tokenizer,
+                      trainable=False)
     # On the CPU the base loads in float32 (loader._weights_dtype): the adapters merge at full precision and the sum
     # is rounded once, when cast to the export dtype.
     model = load_adapters_for_inference(base.to(device), config)

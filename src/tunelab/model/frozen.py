@@ -1,7 +1,7 @@
 """Frozen companions of the trained policy: the reference model (dpo, kto, ppo, grpo) and a full reward model (ppo,
 grpo with `reward_model_type: full`).
 
-    reference = load_reference_model(config, tokenizer)   # None: use the policy with its LoRA adapter switched off
+    reference = load_reference_model(config, tokenizer)   # None: use the policy with its adapter switched off
     scorer = load_full_reward_model(config, tokenizer)     # ValueHeadModel in eval mode, its head loaded
 """
 
@@ -22,10 +22,11 @@ logger = logging.getLogger(__name__)
 def adapter_off_is_reference(config: Config) -> bool:
     """Whether the policy with its adapter disabled equals the starting policy, so no second copy is needed.
 
-    True for a fresh LoRA adapter. A continued adapter (`adapter_name_or_path` without `create_new_adapter`) starts
-    from its trained weights, so switching it off would compare against the wrong model.
+    True for a fresh LoRA or OFT adapter. A continued adapter (`adapter_name_or_path` without `create_new_adapter`)
+    starts from its trained weights, so switching it off would compare against the wrong model. (PiSSA moves part of
+    the weights into its adapter, so it is refused with a reference model: `config/rules.py`.)
     """
-    return config.uses_lora and (not config.adapter_name_or_path or config.create_new_adapter)
+    return config.uses_adapter and (not config.adapter_name_or_path or config.create_new_adapter)
 
 
 def load_reference_model(config: Config, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel | None":
@@ -37,11 +38,12 @@ def load_reference_model(config: Config, tokenizer: "PreTrainedTokenizerBase") -
                              quantization_bit=config.ref_model_quantization_bit, finetuning_type="lora")
         return load_model(ref_config, tokenizer, trainable=False)
     if adapter_off_is_reference(config):
-        logger.info("reference model: the policy with its LoRA adapter disabled (no second copy in memory)")
+        logger.info("reference model: the policy with its %s adapter disabled (no second copy in memory)",
+                    config.method.upper())
         return None
     logger.info("reference model: a frozen copy of the starting policy")
-    return load_model(replace(config, finetuning_type="lora" if config.uses_lora else config.finetuning_type),
-                      tokenizer, trainable=False)
+    # config.method is the finetuning_type with qlora read as lora (the quantization_bit stays as it is).
+    return load_model(replace(config, finetuning_type=config.method), tokenizer, trainable=False)
 
 
 def load_full_reward_model(config: Config, tokenizer: "PreTrainedTokenizerBase") -> ValueHeadModel:

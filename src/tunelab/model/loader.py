@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Config, ConfigError
+from tunelab.model.adapters import load_adapters_for_inference
 from tunelab.model.embedded import resolve_embedded
-from tunelab.model.methods import apply_method, count_parameters, load_adapters_for_inference
+from tunelab.model.methods import apply_method, count_parameters
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +134,7 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
             model = AutoModelForCausalLM.from_pretrained(source.path, config=model_config, gguf_file=source.gguf_file,
                                                          **hub_kwargs(config), **kwargs)
         if source.gguf_file:
-            _forget_gguf_origin(model)
+            forget_gguf_origin(model)
     logger.info("loaded %s in %s (attention: %s)", type(model).__name__, model.dtype,
                 model.config._attn_implementation)
 
@@ -153,7 +154,7 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
     return model
 
 
-def _forget_gguf_origin(model: "PreTrainedModel") -> None:
+def forget_gguf_origin(model: "PreTrainedModel") -> None:
     """A GGUF checkpoint arrives as plain float weights, but transformers still marks the model as GGUF-quantized,
     so the Trainer refuses to train it and `save_pretrained` would write a quantization_config that does not
     describe the saved weights. Drop the marks: from here on it is an ordinary float model."""
@@ -185,9 +186,12 @@ def _weights_dtype(config: Config, model_config: "PretrainedConfig", trainable: 
     stay float32, because an update of lr x grad (about 1e-6 of a weight) is below bf16's 8-bit mantissa and would
     round away. So full fine-tuning loads float32; LoRA and freeze load the frozen bulk in half precision (that is
     where the memory saving is) and `methods.apply_method` turns their few trainable weights to float32.
+    `pure_bf16` is the exception by design: every weight, trained or not, is bfloat16 (precision.py).
     """
     import torch
 
+    if config.pure_bf16:
+        return torch.bfloat16
     if config.bf16 or config.fp16:
         if trainable and config.method == "full":
             return torch.float32

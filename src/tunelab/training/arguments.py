@@ -2,12 +2,30 @@
 
 Built before any model or dataset is loaded, so a value transformers rejects (a passthrough key of the wrong type,
 an optimizer whose package is missing) stops the run at once with a ConfigError.
+
+GaLore and APOLLO go through transformers' own integration (`optim: galore_adamw`, `apollo_adamw`, their
+`optim_target_modules` and `optim_args`); the other optimizer methods need the model and are attached to the Trainer
+in `optimizers.py`.
 """
 
+import logging
+from typing import Any
 
 from transformers import TrainingArguments
 
 from tunelab.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Output heads by the names model families give them (lm_head; output_layer in ChatGLM; output in InternLM2;
+#: embed_out in GPT-NeoX; score and v_head for the reward and value heads). GaLore's and APOLLO's `all` leaves them
+#: to plain AdamW, as LLaMA-Factory does: `all` means every linear layer but the head.
+OUTPUT_HEADS = ("lm_head", "output_layer", "output", "embed_out", "score", "v_head")
+#: `all` for `optim_target_modules`. The arguments exist before the model, so its module names are not known yet:
+#: a regex that transformers matches against every module name (`re.fullmatch`), keeping only nn.Linear ones, and
+#: refusing the names whose last component is an output head. (transformers' own `all-linear` would include the head.)
+ALL_LINEAR_BUT_HEADS = rf"(?!(?:.*\.)?(?:{'|'.join(OUTPUT_HEADS)})$).*"
+
 
 def build_training_arguments(config: Config) -> TrainingArguments:
     import torch
@@ -29,7 +47,8 @@ def build_training_arguments(config: Config) -> TrainingArguments:
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        bf16=config.bf16,
+        # pure_bf16 holds the weights in bfloat16 already; mixed precision (autocast) would only add casts.
+        bf16=config.bf16 and not config.pure_bf16,
         fp16=config.fp16,
         logging_steps=config.logging_steps,
         save_strategy=config.save_strategy,
@@ -48,11 +67,57 @@ def build_training_arguments(config: Config) -> TrainingArguments:
         remove_unused_columns=False,
         use_cpu=on_cpu,
     )
-    if config.uses_lora or config.method == "freeze":
+    if config.uses_adapter or config.method == "freeze":
         # Frozen parameters never get gradients; without this DDP waits for them forever.
         values["ddp_find_unused_parameters"] = False
+    values.update(low_rank_optimizer_arguments(config))
+    values.update(_gpu_only_features(config, on_cpu))
     values.update(config.extra_training_args)
     try:
         return TrainingArguments(**values)
     except (ValueError, TypeError, ImportError) as err:
         raise ConfigError(f"transformers refused the training arguments: {err}") from None
+
+
+def low_rank_optimizer_arguments(config: Config) -> dict[str, Any]:
+    """`optim`, `optim_target_modules` and `optim_args` for GaLore or APOLLO; nothing for the other methods."""
+    if config.use_galore:
+        name, layerwise, target = "galore_adamw", config.galore_layerwise, config.galore_target
+        settings = {"rank": config.galore_rank, "update_proj_gap": config.galore_update_interval,
+                    "scale": config.galore_scale, "proj_type": config.galore_proj_type}
+    elif config.use_apollo:
+        # apollo_scale_front is an argument of the optimizer itself, not of a parameter group, so optim_args cannot
+        # carry it: optimizers.py sets it once transformers has built the optimizer.
+        name, layerwise, target = "apollo_adamw", config.apollo_layerwise, config.apollo_target
+        settings = {"rank": config.apollo_rank, "proj": config.apollo_proj, "scale_type": config.apollo_scale_type,
+                    "update_proj_gap": config.apollo_update_interval, "scale": config.apollo_scale,
+                    "proj_type": config.apollo_proj_type}
+    else:
+        return {}
+    return {
+        "optim": f"{name}_layerwise" if layerwise else name,
+        # A list is matched by transformers as substrings of the module names, as LLaMA-Factory matches it.
+        "optim_target_modules": ALL_LINEAR_BUT_HEADS if target == ["all"] else list(target),
+        "optim_args": ",".join(f"{key}={value}" for key, value in settings.items()),
+    }
+
+
+def _gpu_only_features(config: Config, on_cpu: bool) -> dict[str, Any]:
+    """Liger kernels where a GPU runs them; a plain warning for the speed-ups tunelab does not integrate."""
+    values: dict[str, Any] = {}
+    if config.enable_liger_kernel:
+        if on_cpu:
+            logger.warning("`enable_liger_kernel` needs a CUDA GPU (Liger's kernels are Triton kernels): "
+                           "training without it")
+        else:
+            values["use_liger_kernel"] = True
+    if config.use_unsloth:
+        logger.warning("`use_unsloth`: tunelab does not integrate unsloth's kernels; training without them")
+    if config.use_unsloth_gc:
+        logger.warning("`use_unsloth_gc`: tunelab does not integrate unsloth's offloaded checkpointing; training with "
+                       "its own gradient checkpointing instead")
+    if config.fp8:
+        precision = "bf16 mixed precision" if config.bf16 else "fp16 mixed precision" if config.fp16 else "fp32"
+        logger.warning("`fp8`: tunelab does not integrate FP8 training; training in %s as the config says", precision)
+    return values
+

@@ -12,7 +12,9 @@ from tunelab.config.stages import STAGE_SPECS
 from tunelab.data import DatasetSplits, Template, load_datasets, prepare_template
 from tunelab.model import load_tokenizer
 from tunelab.training.arguments import build_training_arguments
+from tunelab.training.optimizers import attach_optimizer
 from tunelab.training.output_dir import prepare_output_dir
+from tunelab.training.pissa import add_pissa_conversion
 from tunelab.training.plotting import plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
     the weights and tokenizer, trainer_state.json, train/eval/all_results.json and, with `plot_loss`, the curves."""
     results: dict[str, Any] = {}
     if config.do_train:
+        attach_optimizer(trainer, config)
+        add_pissa_conversion(trainer, config)
         output = trainer.train(resume_from_checkpoint=resume_from)
         metrics = dict(output.metrics)
         state = trainer.state
@@ -66,8 +70,9 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
                 logger.info("Saved %s", path)
     if trainer.args.do_eval and trainer.eval_dataset is not None:
         metrics = trainer.evaluate(metric_key_prefix="eval")
-        # Perplexity is exp of a next-token loss; the other stages' losses are not one.
-        if "eval_loss" in metrics and STAGE_SPECS[config.stage].next_token_loss:
+        # Perplexity is exp of the next-token cross-entropy; the other stages' losses, and the SFT variants that
+        # weight each token (DFT, EAFT, ASFT), are not one.
+        if "eval_loss" in metrics and STAGE_SPECS[config.stage].next_token_loss and not config.sft_loss_variant:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

@@ -89,7 +89,7 @@ class Board:
     def section(self, name: str, keys_per_row: int = 4, open: bool = False) -> None:
         """An accordion with every key of a section that has no widget yet, in rows."""
         keys = [key for key, spec in FIELDS.items() if spec.section == name and key not in self.widgets]
-        with self.t(gr.Accordion(text(f"sec_{name}", "en"), open=open), f"sec_{name}"):
+        with self.t(gr.Accordion(text(f"sec_{name}", "en"), open=open, elem_id=f"tl-sec-{name}"), f"sec_{name}"):
             for start in range(0, len(keys), keys_per_row):
                 with gr.Row():
                     for key in keys[start:start + keys_per_row]:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from tunelab.config import ConfigError, load_config
 from tunelab.config.load import coerce
+from tunelab.config.method_options import (AdapterVariantOptions, LayerAndLossOptions, OptimizerOptions,
+                                           PrecisionOptions)
 from tunelab.config.schema import (Config, DataOptions, EvaluationOptions, ExportOptions, GenerationOptions,
                                    InferenceOptions, MethodOptions, ModelOptions, PreferenceOptions, RewardOptions,
                                    TrainingOptions, public_fields)
@@ -29,13 +31,23 @@ TRAIN_HEAD_KEYS = ("stage", "dataset_dir", "dataset", "learning_rate", "num_trai
                    "lr_scheduler_type", "max_grad_norm", "eval_steps", "save_steps", "optim", "cutoff_len",
                    "per_device_train_batch_size", "gradient_accumulation_steps", "output_dir")
 #: Each declared group's section on the board (a tab's accordion); keys named above are placed there instead.
-GROUP_OF = {ModelOptions: "model", DataOptions: "data", MethodOptions: "method", PreferenceOptions: "preference",
-            RewardOptions: "reward", GenerationOptions: "generation", InferenceOptions: "generation",
-            ExportOptions: "export", EvaluationOptions: "evaluation", TrainingOptions: "training"}
-#: Method keys split by what they adapt: LoRA's and freeze's own sections.
-METHOD_SECTIONS = (("lora", ("lora_", "use_rslora", "use_dora", "create_new_adapter", "additional_target",
-                              "quantization_type", "double_quantization")),
-                   ("freeze", ("freeze_",)))
+#: The method's groups share one section, split below by method; what no method claims (Adam-mini, Muon, LLaMA Pro,
+#: the loss variants, precision) stays in it, as in LLaMA Board's "extra" panel. Within a section, keys follow this
+#: table's order of groups (LoRA's own keys before LoRA+ and PiSSA, before the quantization keys), then their
+#: declaration order.
+GROUP_OF = {MethodOptions: "method", AdapterVariantOptions: "method", OptimizerOptions: "method",
+            LayerAndLossOptions: "method", PrecisionOptions: "method", ModelOptions: "model", DataOptions: "data",
+            PreferenceOptions: "preference", RewardOptions: "reward", InferenceOptions: "generation",
+            GenerationOptions: "generation", ExportOptions: "export", EvaluationOptions: "evaluation",
+            TrainingOptions: "training"}
+#: Method keys split by what they adapt or optimize, by name prefix: a section per method, as LLaMA Board has.
+METHOD_SECTIONS = (("lora", ("lora_", "loraplus_", "pissa_", "use_rslora", "use_dora", "create_new_adapter",
+                              "additional_target", "quantization_type", "double_quantization")),
+                   ("oft", ("oft_", "module_dropout")),
+                   ("freeze", ("freeze_",)),
+                   ("galore", ("galore_", "use_galore")),
+                   ("apollo", ("apollo_", "use_apollo")),
+                   ("badam", ("badam_", "use_badam")))
 #: Keys chosen from lists the board fills in at run time (known models, earlier adapters, dataset_info.json entries,
 #: template names); a value outside the list may still be typed.
 CHOOSERS = {"model_name_or_path": "combo", "template": "combo", "optim": "combo",
@@ -43,10 +55,11 @@ CHOOSERS = {"model_name_or_path": "combo", "template": "combo", "optim": "combo"
 #: What an unset value looks like in each kind of widget, and in the template list ("auto": the tokenizer's own).
 UNSET = {"dropdown": "none", "combo": "", "text": ""}
 AUTO_TEMPLATE = "auto"
-#: Section -> the tab it belongs to.
-SECTION_TAB = {"top": "top", "head": "train", "training": "train", "lora": "train", "freeze": "train",
-               "data": "train", "method": "train", "model": "train", "preference": "train", "reward": "train",
-               "generation": "chat", "evaluation": "evaluate", "export": "export"}
+#: Section -> the tab it belongs to, in the order the tab lays them out.
+SECTION_TAB = {"top": "top", "head": "train", "training": "train", "lora": "train", "oft": "train",
+               "freeze": "train", "galore": "train", "apollo": "train", "badam": "train", "data": "train",
+               "method": "train", "model": "train", "preference": "train", "reward": "train", "generation": "chat",
+               "evaluation": "evaluate", "export": "export"}
 
 
 @dataclass(frozen=True)
@@ -101,10 +114,10 @@ def _section_of(key: str, group: str) -> str:
     return group
 
 
-def _declared_group(key: str) -> str:
-    for cls, group in GROUP_OF.items():
+def _declaring_class(key: str) -> type:
+    for cls in GROUP_OF:
         if key in {f.name for f in fields(cls)}:
-            return group
+            return cls
     raise KeyError(f"config key {key!r} is declared in no group of GROUP_OF")
 
 
@@ -116,8 +129,9 @@ def _spec(f: Any) -> FieldSpec:
     if optional:
         (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     meta = f.metadata
-    common = dict(key=f.name, default=default, help=meta["help"], section=_section_of(f.name, _declared_group(f.name)),
-                  minimum=meta.get("minimum"), maximum=meta.get("maximum"), annotation=annotation)
+    section = _section_of(f.name, GROUP_OF[_declaring_class(f.name)])
+    common = dict(key=f.name, default=default, help=meta["help"], section=section, minimum=meta.get("minimum"),
+                  maximum=meta.get("maximum"), annotation=annotation)
     if f.name in CHOOSERS:
         return FieldSpec(widget=CHOOSERS[f.name], **common)
     if typing.get_origin(inner) is Literal:
@@ -132,17 +146,18 @@ def _spec(f: Any) -> FieldSpec:
     return FieldSpec(widget="text", **common)
 
 
-def _pinned_order(key: str) -> int:
+def _place(spec: FieldSpec) -> tuple[int, int, int]:
+    """Where a key sits: its section, its pinned place in the top bar or the Train tab's head, its group's order."""
     pinned = TOP_BAR_KEYS + TRAIN_HEAD_KEYS
-    return pinned.index(key) if key in pinned else len(pinned)
+    return (SECTIONS.index(spec.section), pinned.index(spec.key) if spec.key in pinned else len(pinned),
+            list(GROUP_OF).index(_declaring_class(spec.key)))
 
 
-#: Sections in page order; YAML files the board writes list their keys in this order too.
-SECTIONS = ("top", "head", "method", "lora", "freeze", "data", "model", "training", "preference", "reward",
-            "generation", "evaluation", "export")
+#: Sections in the order YAML files the board writes list their keys (tabs lay them out in SECTION_TAB's order).
+SECTIONS = ("top", "head", "method", "lora", "oft", "freeze", "galore", "apollo", "badam", "data", "model",
+            "training", "preference", "reward", "generation", "evaluation", "export")
 FIELDS: dict[str, FieldSpec] = {
-    spec.key: spec for spec in sorted((_spec(f) for f in public_fields() if f.name not in JOB_KEYS),
-                                      key=lambda spec: (SECTIONS.index(spec.section), _pinned_order(spec.key)))}
+    spec.key: spec for spec in sorted((_spec(f) for f in public_fields() if f.name not in JOB_KEYS), key=_place)}
 
 
 def config_from_widgets(values: dict[str, Any], more_keys: dict[str, Any] | None = None) -> dict[str, Any]:

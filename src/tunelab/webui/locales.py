@@ -21,9 +21,13 @@ TEXTS: dict[str, dict[str, str]] = {
         "sec_top": "Model and data",
         "sec_training": "More training options",
         "sec_lora": "LoRA / QLoRA",
+        "sec_oft": "OFT (orthogonal fine-tuning)",
         "sec_freeze": "Freeze (partial) tuning",
+        "sec_galore": "GaLore optimizer",
+        "sec_apollo": "APOLLO optimizer",
+        "sec_badam": "BAdam optimizer",
         "sec_data": "More data options",
-        "sec_method": "Method options",
+        "sec_method": "Extra options (Adam-mini, Muon, LLaMA Pro, loss variants, precision)",
         "sec_model": "More model options",
         "sec_preference": "Preference stages (dpo, orpo, simpo, kto)",
         "sec_reward": "Reward and RL stages (ppo, grpo)",
@@ -75,9 +79,13 @@ TEXTS: dict[str, dict[str, str]] = {
         "sec_top": "模型与数据配置",
         "sec_training": "更多训练配置",
         "sec_lora": "LoRA/QLoRA 配置",
+        "sec_oft": "OFT 配置（正交微调）",
         "sec_freeze": "冻结微调配置",
+        "sec_galore": "GaLore 配置",
+        "sec_apollo": "APOLLO 配置",
+        "sec_badam": "BAdam 配置",
         "sec_data": "更多数据配置",
-        "sec_method": "微调方法配置",
+        "sec_method": "其它参数配置（Adam-mini、Muon、LLaMA Pro、损失函数、精度）",
         "sec_model": "更多模型配置",
         "sec_preference": "偏好优化阶段（dpo、orpo、simpo、kto）",
         "sec_reward": "奖励与强化学习阶段（ppo、grpo）",
@@ -122,6 +130,13 @@ TEXTS: dict[str, dict[str, str]] = {
 
 #: config key -> (label, help), per language; English is derived from the schema.
 KEY_TEXTS: dict[str, dict[str, tuple[str, str]]] = {"zh": locale_zh.KEYS}
+#: Words of key names that English labels spell as their authors do (`galore_rank` -> "GaLore rank").
+SPELLING = {"lora": "LoRA", "qlora": "QLoRA", "loraplus": "LoRA+", "rslora": "rsLoRA", "dora": "DoRA", "oft": "OFT",
+            "pissa": "PiSSA", "galore": "GaLore", "apollo": "APOLLO", "badam": "BAdam", "adam": "Adam",
+            "muon": "Muon", "llama": "LLaMA", "pro": "Pro", "dft": "DFT", "asft": "ASFT", "eaft": "EAFT",
+            "moe": "MoE", "fp8": "FP8", "fsdp": "FSDP", "liger": "Liger", "lmhead": "LM head", "lr": "LR",
+            "dpo": "DPO", "kto": "KTO", "ppo": "PPO", "grpo": "GRPO", "simpo": "SimPO", "vllm": "vLLM",
+            "rope": "RoPE", "hf": "HF", "ddp": "DDP"}
 
 
 def text(text_id: str, lang: str) -> str:
@@ -130,5 +145,11 @@ def text(text_id: str, lang: str) -> str:
 
 def key_text(key: str, help_en: str, lang: str) -> tuple[str, str]:
     """(label, help) of a config key; the help ends with the key's YAML name, so a user can find it in a file."""
-    label, help_text = KEY_TEXTS.get(lang, {}).get(key) or (key.replace("_", " ").capitalize(), help_en)
+    label, help_text = KEY_TEXTS.get(lang, {}).get(key) or (_english_label(key), help_en)
     return label, f"{help_text} · {key}"
+
+
+def _english_label(key: str) -> str:
+    first, *rest = key.split("_")
+    # A name keeps its own first letter: "vLLM maxlen", not "VLLM maxlen".
+    return " ".join([SPELLING.get(first, first.capitalize()), *(SPELLING.get(word, word) for word in rest)])

@@ -3,19 +3,22 @@
     tunelab train examples/quickstart.yaml
 
 Flow: training arguments (refuses bad values before anything loads) -> output_dir policy -> tokenizer and chat
-template -> tokenized data -> model with its fine-tuning method -> Trainer -> train, save, evaluate, plot -> with
-`do_predict`, generate replies to the evaluation set and score them (predict.py).
+template -> tokenized data -> model with its fine-tuning method (and, with `moe_aux_loss_coef`, its router loss on)
+-> for ASFT the frozen reference -> Trainer -> train, save, evaluate, plot -> with `do_predict`, generate replies to
+the evaluation set and score them (predict.py). The loss variants (`use_dft_loss`, `use_eaft_loss`, `use_asft_loss`)
+live in sft_losses.py.
 """
 
 from typing import Any
 
-from transformers import Trainer
-
 from tunelab.config import Config
 from tunelab.data import DataCollator
 from tunelab.model import load_model
+from tunelab.model.frozen import load_reference_model
 from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.moe import enable_router_loss
 from tunelab.training.predict import check_prediction, predict
+from tunelab.training.sft_losses import SFTTrainer
 from tunelab.training.workflow import start_run, train_and_report
 
 
@@ -29,10 +32,15 @@ def run(config: Config) -> dict[str, Any]:
     # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
     # attend to each other.
     model.config.use_cache = False
+    if config.moe_aux_loss_coef is not None:
+        enable_router_loss(model, config.moe_aux_loss_coef)
+    # ASFT's anchor is the model before training; without training the policy is that model.
+    reference = load_reference_model(config, tokenizer) if config.use_asft_loss and config.do_train else None
     # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
     collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
-    trainer = Trainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
-                      data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                         data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()],
+                         config=config, reference=reference)
     results = train_and_report(trainer, config, resume_from)
     if config.do_predict:
         results.update(predict(trainer, config, start.template))
