@@ -24,3 +24,26 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_qwen2_dir(tmp_path_factory):
     """A tiny random qwen2 model: like the llama one, plus biased q/k/v projections."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2")
+
+
+def _tiny_vl_dir(tmp_path_factory, family: str, tokenizer: str):
+    """A tiny random vision-language model with a real tokenizer and processor config from ../shared/tokenizers."""
+    from helpers import TOKENIZERS
+    from tunelab.model.tiny_vl import build_tiny_vl_model
+
+    source = TOKENIZERS / tokenizer
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent: the real {family} tokenizer and processor config are needed")
+    return build_tiny_vl_model(tmp_path_factory.mktemp(f"tiny_{family}"), source, family)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """A tiny random Qwen2-VL (2 decoder layers, 2 vision blocks) with the real Qwen2-VL tokenizer and processor."""
+    return _tiny_vl_dir(tmp_path_factory, "qwen2_vl", "qwen2-vl-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL (windowed vision attention) with the real Qwen2.5-VL tokenizer and processor."""
+    return _tiny_vl_dir(tmp_path_factory, "qwen2_5_vl", "qwen2.5-vl-instruct")

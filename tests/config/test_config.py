@@ -99,6 +99,15 @@ def test_keys_transformers_5_removed_are_handled():
     assert config.extra_training_args == {"use_cpu": True}
 
 
+def test_fsdp_keys_transformers_5_moved_go_into_fsdp_config():
+    config = load_config({**BASE, "fsdp": "full_shard auto_wrap",
+                          "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
+    assert config.extra_training_args["fsdp_config"] == {"transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+    assert "fsdp_transformer_layer_cls_to_wrap" not in config.extra_training_args
+    assert "write `min_num_params` in that file instead" in error_of(
+        {**BASE, "fsdp_config": "fsdp.json", "fsdp_min_num_params": 1000})
+
+
 def test_llamafactory_keys_not_supported_yet_are_refused_only_when_switched_on():
     assert load_config({**BASE, "packing": False, "use_kt": False}).dataset == ["identity"]
     assert "`use_kt` is a LLaMA-Factory option tunelab does not support (a GPU kernel" in error_of(
@@ -183,6 +192,7 @@ RULE_CASES = {
     "is not the base model ASFT anchors to": {"pissa_init": True, "use_asft_loss": True},
     "`moe_aux_loss_coef` is applied by the pt and sft stages only": {"stage": "rm", "moe_aux_loss_coef": 0.01},
     "`pure_bf16` trains in bfloat16 throughout": {"pure_bf16": True, "fp16": True},
+    "cannot be smaller than `image_min_pixels`": {"image_max_pixels": 100, "image_min_pixels": 200},
 }
 #: Environment a rule case needs: a torchrun process of a two-process run.
 RULE_ENV = {"train with one process only": {"WORLD_SIZE": "2"}}

@@ -95,7 +95,7 @@ def test_an_unsupported_llamafactory_key_says_so_with_its_reason():
     with pytest.raises(ConfigError, match=r"`mixture_of_depths` is a LLaMA-Factory option tunelab does not support "
                                           r"\(a training method tunelab does not have yet\)"):
         load_config({**BASE, "mixture_of_depths": "convert"})
-    load_config({**BASE, "mixture_of_depths": None, "image_max_pixels": None})   # unset: accepted
+    load_config({**BASE, "mixture_of_depths": None, "crop_to_patches": None})   # unset: accepted
 
 
 def test_keys_tunelab_covers_itself_are_accepted():

@@ -17,7 +17,7 @@ from tunelab.config.load import load_config
 from tunelab.data import load_datasets, prepare_template
 from tunelab.model import load_tokenizer
 from tunelab.training.moe import enable_router_loss, router_loss_coef
-from helpers import losses, read_log, run_config
+from helpers import assert_two_processes_train_as_accumulation, losses, read_log, run_config
 
 #: Four identity samples, trained as one batch of 4 per step and also used as the evaluation set, so the first
 #: logged loss and the final eval_loss are each one forward over exactly these samples.
@@ -208,3 +208,15 @@ def test_router_loss_on_a_peft_wrapped_moe_and_a_warning_for_a_dense_model(tiny_
         assert not enable_router_loss(dense, 0.25)
     assert "`moe_aux_loss_coef` is ignored" in caplog.text and "llama" in caplog.text
     assert router_loss_coef(dense) == 0.0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("variant", "port"), [("dft", 29651), ("asft", 29652)])
+def test_loss_variants_train_alike_with_two_processes(variant, port, tiny_model_dir, tmp_path):
+    """Each token's weight is divided by the tokens of the whole step, across processes: two processes of batch 2
+    train as one process accumulating two batches of 2 (ASFT's reference is the LoRA policy with its adapter off)."""
+    records = assert_two_processes_train_as_accumulation(
+        lambda out, **more: run_config(tiny_model_dir, out, **VARIANTS[variant], max_steps=6,
+                                       per_device_train_batch_size=2, learning_rate=5e-3, **more),
+        tmp_path, port, keys=("loss",), weights=("adapter_model.safetensors",))
+    assert len(records) == 3

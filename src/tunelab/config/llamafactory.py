@@ -27,10 +27,8 @@ DECIDED_BY_TUNELAB = {
 }
 
 _GROUPS = {
-    "vision-language and audio models are not supported yet": """
-        image_max_pixels image_min_pixels image_do_pan_and_scan crop_to_patches video_max_pixels video_min_pixels
-        video_fps video_maxlen audio_sampling_rate use_audio_in_video freeze_vision_tower
-        freeze_multi_modal_projector freeze_language_model media_dir""",
+    "audio models, and the image tiling of Gemma 3 and InternVL, are not supported yet": """
+        image_do_pan_and_scan crop_to_patches audio_sampling_rate use_audio_in_video""",
     "a training method tunelab does not have yet": """
         pref_bco_weight ld_alpha mixture_of_depths shift_attn init_special_tokens new_special_tokens_config
         split_special_tokens""",

@@ -16,7 +16,8 @@ from typing import Any, Literal
 from tunelab.config.llamafactory import DECIDED_BY_TUNELAB, SAME_AS_TUNELAB, UNSUPPORTED
 from tunelab.config.llamafactory_v1 import V1_ONLY_KEYS, is_v1_config, translate_v1
 from tunelab.config.packages import missing_packages
-from tunelab.config.passthrough import IGNORED_TRAINING_KEYS, PASSTHROUGH_TRAINING_KEYS, RENAMED_TRAINING_KEYS
+from tunelab.config.passthrough import (IGNORED_TRAINING_KEYS, MOVED_INTO_FSDP_CONFIG, PASSTHROUGH_TRAINING_KEYS,
+                                        RENAMED_TRAINING_KEYS)
 from tunelab.config.rules import check_rules
 from tunelab.config.schema import Config, public_fields
 
@@ -67,6 +68,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
                 problems.append(f"{where}: `{key}`: {err}")
         else:
             extra[key] = _parse_text(value) if where == "command line" else value
+    _move_into_fsdp_config(extra, accepted, problems)
     if problems:
         raise ConfigError(_format(problems))
     config = Config(**kwargs, extra_training_args=extra)
@@ -108,7 +110,7 @@ def _accept(key: str, value: Any, where: str, accepted: dict, problems: list[str
         key = RENAMED_TRAINING_KEYS[key]
     if key in IGNORED_TRAINING_KEYS or key in DECIDED_BY_TUNELAB:
         return
-    if key in SCHEMA_KEYS or key in PASSTHROUGH_TRAINING_KEYS:
+    if key in SCHEMA_KEYS or key in PASSTHROUGH_TRAINING_KEYS or key in MOVED_INTO_FSDP_CONFIG:
         accepted[key] = (where, value)
     elif key in UNSUPPORTED:
         parsed = _parse_text(value) if from_text else value
@@ -123,6 +125,20 @@ def _accept(key: str, value: Any, where: str, accepted: dict, problems: list[str
         if key in V1_ONLY_KEYS:  # not a typo: on the command line, or in a config that also holds v0 keys
             hint = " (see `tunelab help keys`); it is a LLaMA-Factory v1 key, read only in a v1 config (no v0 keys)"
         problems.append(f"{where}: unknown key `{key}`{hint}")
+
+
+def _move_into_fsdp_config(extra: dict[str, Any], accepted: dict, problems: list[str]) -> None:
+    """`fsdp_transformer_layer_cls_to_wrap: X` -> `fsdp_config: {transformer_layer_cls_to_wrap: X}`, as transformers
+    5 reads it."""
+    for old, new in MOVED_INTO_FSDP_CONFIG.items():
+        if old not in extra:
+            continue
+        fsdp_config = extra.setdefault("fsdp_config", {})
+        if not isinstance(fsdp_config, dict):
+            problems.append(f"{accepted[old][0]}: `{old}` goes into `fsdp_config` as `{new}`, but `fsdp_config` is "
+                            f"{fsdp_config!r}: write `{new}` in that file instead")
+            continue
+        fsdp_config.setdefault(new, extra.pop(old))
 
 
 def coerce(value: Any, annotation: Any, *, from_text: bool = False) -> Any:

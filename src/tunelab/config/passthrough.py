@@ -21,6 +21,9 @@ local_rank
 
 #: Keys transformers 5 removed that LLaMA-Factory configs still carry, and what tunelab does with each.
 RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu"}
+#: FSDP keys transformers 5 moved into `fsdp_config` (LLaMA-Factory's FSDP examples still set them at the top).
+MOVED_INTO_FSDP_CONFIG = {"fsdp_transformer_layer_cls_to_wrap": "transformer_layer_cls_to_wrap",
+                          "fsdp_min_num_params": "min_num_params"}
 IGNORED_TRAINING_KEYS = {
     "logging_dir": "tensorboard logs go to output_dir/runs",
     "save_safetensors": "weights are always saved as safetensors",

@@ -207,6 +207,8 @@ RULES: tuple[Rule, ...] = (
          "router loss"),
     Rule(lambda c: len(_chosen(c, _SFT_LOSS_KEYS)) > 1,
          "`use_dft_loss`, `use_asft_loss` and `use_eaft_loss` are different losses: set one of them"),
+    Rule(lambda c: c.image_max_pixels < c.image_min_pixels or c.video_max_pixels < c.video_min_pixels,
+         "`image_max_pixels` / `video_max_pixels` cannot be smaller than `image_min_pixels` / `video_min_pixels`"),
     Rule(lambda c: c.pure_bf16 and c.fp16,
          "`pure_bf16` trains in bfloat16 throughout: it cannot run with `fp16`"),
     Rule(lambda c: (c.do_predict or c.predict_with_generate) and c.stage != "sft",

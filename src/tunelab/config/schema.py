@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from tunelab.config.method_options import (AdapterVariantOptions, LayerAndLossOptions, OptimizerOptions,
                                            PrecisionOptions)
+from tunelab.config.multimodal_options import MultimodalOptions
 from tunelab.config.option import option
 from tunelab.config.stages import STAGE_SPECS, STAGES
 
@@ -235,9 +236,9 @@ class TrainingOptions:
 
 
 @dataclass
-class Config(ModelOptions, DataOptions, MethodOptions, AdapterVariantOptions, OptimizerOptions, LayerAndLossOptions,
-             PrecisionOptions, PreferenceOptions, RewardOptions, GenerationOptions, InferenceOptions, ExportOptions,
-             EvaluationOptions, TrainingOptions):
+class Config(ModelOptions, DataOptions, MultimodalOptions, MethodOptions, AdapterVariantOptions, OptimizerOptions,
+             LayerAndLossOptions, PrecisionOptions, PreferenceOptions, RewardOptions, GenerationOptions,
+             InferenceOptions, ExportOptions, EvaluationOptions, TrainingOptions):
     """Everything one tunelab run needs. Build it with `tunelab.config.load_config`, which validates it."""
 
     #: Keys of transformers' TrainingArguments that tunelab forwards without interpreting them.

@@ -18,8 +18,11 @@ share an entry. It holds:
   special tokens, and the ids of a probe text (which shows bos/eos insertion);
 * the template: its class, every field of its definition and its Jinja text;
 * the config keys that change tokens or rows (`TOKEN_KEYS`), the data kind and the resolved packing;
-* the source of every module of `tunelab.data`, tunelab's version and those of transformers and tokenizers, so new
-  processing or tokenization code never reads old tokens.
+* with a vision-language model, its media processor: the family, the image processor's settings and the size limits
+  (`image_max_pixels`, ...). The image and video files themselves are not hashed (a dataset may hold thousands):
+  the collator checks every batch's token counts against its files, and names a file that changed;
+* the source of every module of `tunelab.data` (its sub-packages included), tunelab's version and those of
+  transformers and tokenizers, so new processing or tokenization code never reads old tokens.
 
 Where: `cache_dir/tunelab/datasets` when `cache_dir` is set, else `$TUNELAB_CACHE/datasets`, else
 `~/.cache/tunelab/datasets`. One entry per key; `overwrite_cache` replaces it. Entries are never removed by tunelab:
@@ -58,12 +61,13 @@ def cache_root(config: Any) -> Path:
 
 
 def cache_key(config: Any, *, kind: str, packing: bool, specs: dict[str, list], tokenizer: Any,
-              template: Any) -> dict[str, Any]:
+              template: Any, media: Any = None) -> dict[str, Any]:
     """Everything that changes the tokenized data of this config (see the module docstring), as a JSON document.
 
-    `specs` maps each split ("train", "eval") to its resolved `DatasetSpec`s.
+    `specs` maps each split ("train", "eval") to its resolved `DatasetSpec`s; `media` is a vision-language model's
+    `MediaProcessor` (None for a text model, whose key has no media entry).
     """
-    return {
+    key = {
         "config": {key: getattr(config, key) for key in TOKEN_KEYS},
         "kind": kind,
         "packing": packing,
@@ -72,6 +76,9 @@ def cache_key(config: Any, *, kind: str, packing: bool, specs: dict[str, list], 
         "template": template_fingerprint(template),
         "code": code_fingerprint(),
     }
+    if media is not None:
+        key["media"] = media.fingerprint()
+    return key
 
 
 def cache_folder(config: Any, key: dict[str, Any]) -> Path:
@@ -126,8 +133,9 @@ def template_fingerprint(template: Any) -> dict[str, Any] | None:
 def code_fingerprint() -> dict[str, str]:
     """Versions and a hash of the data layer's source: changed processing or tokenization never reads old tokens."""
     sha = hashlib.sha256()
-    for module in sorted(Path(__file__).parent.glob("*.py")):
-        sha.update(module.name.encode() + b"\0" + module.read_bytes())
+    root = Path(__file__).parent
+    for module in sorted(root.rglob("*.py")):
+        sha.update(str(module.relative_to(root)).encode() + b"\0" + module.read_bytes())
     return {"tunelab": tunelab.__version__, "transformers": version("transformers"),
             "tokenizers": version("tokenizers"), "data_layer_sha256": sha.hexdigest()}
 

@@ -6,8 +6,14 @@
 Sequence columns are padded to the longest row of their column (rounded up to `pad_to_multiple_of`): input_ids with
 the tokenizer's pad id, attention_mask with 0, labels with -100, position_ids with 0. The same holds for their
 `chosen_`, `rejected_` (pairwise) and `kl_` (kto) variants. Scalar columns (`kto_tags`) become a tensor as they are.
-Any other column (a dataset's leftovers, image paths until multimodal batching exists) is left out, as the Trainer
-would drop it anyway.
+Any other column (a dataset's leftovers) is left out, as the Trainer would drop it anyway.
+
+With a vision-language model's `media` processor (data/media), the rows' `images` and `videos` become the model's
+inputs: `pixel_values` + `image_grid_thw`, `pixel_values_videos` + `video_grid_thw` (+ `second_per_grid_ts` for
+Qwen2.5-VL), and every batch, also one without any media, gets `mm_token_type_ids` (1 on image tokens, 2 on video
+tokens, 0 elsewhere) for each of its sequence groups: Qwen2-VL needs them to place its 3D positions, and Qwen2.5-VL
+without them silently falls back to wrong 1D positions. Images are read and processed here, per batch (as
+LLaMA-Factory does), so the tokenized data stays small; with `dataloader_num_workers` that work runs in parallel.
 
 Padding goes on the right, or on the left when `tokenizer.padding_side == "left"` (generation), read at every call.
 
@@ -20,7 +26,7 @@ torch is imported on first use, so importing `tunelab.data` stays light.
 
 from typing import Any
 
-from tunelab.data.processing import IGNORE_INDEX
+from tunelab.data.processing import IGNORE_INDEX, MEDIA_COLUMNS
 
 #: column -> the value it is padded with; None stands for the tokenizer's pad id.
 PAD_VALUES: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
@@ -33,11 +39,12 @@ SCALAR_COLUMNS = ("kto_tags",)
 class DataCollator:
     """Pads the sequence columns it knows, keeps scalar ones, drops the rest; returns torch tensors."""
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None, media: Any = None) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; `Template.prepare_tokenizer` sets it before batching")
         self.tokenizer = tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.media = media
         self.pad_values = {prefix + name: tokenizer.pad_token_id if value is None else value
                            for prefix in PREFIXES for name, value in PAD_VALUES.items()}
 
@@ -51,6 +58,11 @@ class DataCollator:
                 batch[column] = torch.tensor(self._pad(values, self.pad_values[column]), dtype=torch.long)
             elif column in SCALAR_COLUMNS:
                 batch[column] = torch.tensor(values)
+        if self.media is not None:
+            batch.update(self.media.batch_inputs(features, batch["input_ids"]))
+            for prefix in PREFIXES[1:]:  # the other groups of a row (kto's KL pair) are text only
+                if f"{prefix}input_ids" in batch:
+                    batch[f"{prefix}mm_token_type_ids"] = torch.zeros_like(batch[f"{prefix}input_ids"])
         return batch
 
     def _pad(self, rows: list[list[int]], value: int) -> list[list[int]]:
@@ -64,12 +76,14 @@ class DataCollator:
 
 class PairwiseCollator:
     """B preference pairs -> one batch of 2B rows: the B chosen sequences, then the B rejected ones, all padded to one
-    length, so a single forward pass scores both sides of every pair (rm, dpo)."""
+    length, so a single forward pass scores both sides of every pair (rm, dpo). Each side of a pair shows the model the
+    pair's images and videos."""
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
-        self.pad = DataCollator(tokenizer, pad_to_multiple_of)
+    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None, media: Any = None) -> None:
+        self.pad = DataCollator(tokenizer, pad_to_multiple_of, media)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [{name: row[side + name] for name in ("input_ids", "attention_mask", "labels")}
+        rows = [{**{name: row[side + name] for name in ("input_ids", "attention_mask", "labels")},
+                 **{name: row[name] for name in MEDIA_COLUMNS if name in row}}
                 for side in ("chosen_", "rejected_") for row in features]
         return self.pad(rows)

@@ -200,7 +200,7 @@ def _media_path(item: Any, media_dir: Path | None, key: str) -> str:
         raise Invalid("media not a path", f"{key} holds {type(item).__name__}")
     if item.startswith(URL_PREFIXES):
         return item
-    # As in LLaMA-Factory: relative to dataset_dir first, then as written (relative to the working directory).
+    # As in LLaMA-Factory: relative to media_dir (dataset_dir) first, then as written (to the working directory).
     candidates = [media_dir / item] if media_dir is not None else []
     for candidate in [*candidates, Path(item)]:
         if candidate.is_file():

@@ -11,6 +11,9 @@ datasets (`mix_strategy`; evaluation datasets are concatenated, so each is evalu
 `val_size`, and pack (`packing`, `neat_packing`). Tokenizing each dataset before mixing gives the statistics per
 dataset and holds out the same rows as splitting first would (the split depends only on the row count and the seed).
 
+`media` is a vision-language model's `data.media.MediaProcessor` (None otherwise, and a sample with media is refused):
+files are measured after conversion (data/media/checks.py), and rows keep `images` and `videos` for the collator.
+
 The result is cached (cache.py) under a key over everything that changes the tokens: a run with the same data,
 tokenizer, template and keys reads it back instead of tokenizing, and says so in the log. `tokenized_path` names a
 folder of the user's instead: read when it exists (then `dataset` is not read at all), written otherwise.
@@ -20,12 +23,13 @@ folder of the user's instead: read when it exists (then `dataset` is not read at
 """
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tunelab.data.cache import cache_folder, cache_key, load_saved, save_splits
 from tunelab.data.formats import convert_batch, features
+from tunelab.data.media.checks import measure_media, refuse_media_setup, skip_cut_samples
 from tunelab.data.packing import pack_rows
 from tunelab.data.processing import PROCESSORS, TRUNCATED_COLUMN
 from tunelab.data.registry import data_kind, read_hub_dataset, resolve_datasets
@@ -51,34 +55,37 @@ class DatasetSplits:
     reports: list[LoadReport] = field(default_factory=list)
 
 
-def load_datasets(config: Any, tokenizer: Any, template: Any = None, kind: str | None = None) -> DatasetSplits:
+def load_datasets(config: Any, tokenizer: Any, template: Any = None, kind: str | None = None,
+                  media: Any = None) -> DatasetSplits:
     """Load, check, tokenize, mix, split and pack `config.dataset` and `config.eval_dataset`, through the cache.
 
     `kind` (a key of `processing.PROCESSORS`) defaults to the one of `config.stage`; every kind but pt needs
-    `template`.
+    `template`. `media`: the `MediaProcessor` of a vision-language model (`data.media.load_media_processor`), or None.
     """
     kind = kind or data_kind(config.stage)
     if kind != "pt" and template is None:
         raise DataError(f"stage {config.stage} (data kind {kind}) needs a chat template: build one with "
                         f"tunelab.data.get_template")
     packing = resolve_packing(config, kind)
+    refuse_media_setup(config, media, packing)
     tokenized_path = Path(config.tokenized_path) if config.tokenized_path else None
     if tokenized_path is not None and tokenized_path.exists():
         return _read_tokenized_path(tokenized_path, config, kind)
-    specs = {"train": resolve_datasets(config.dataset, config.dataset_dir, config.stage),
-             "eval": resolve_datasets(config.eval_dataset, config.dataset_dir, config.stage)}
+    media_root = {"media_root": Path(config.media_dir)} if config.media_dir else {}
+    specs = {split: [replace(spec, **media_root) for spec in resolve_datasets(names, config.dataset_dir, config.stage)]
+             for split, names in (("train", config.dataset), ("eval", config.eval_dataset))}
     if config.streaming:
         if tokenized_path is not None:
             raise DataError(f"`tokenized_path: {tokenized_path}` does not exist yet, and a stream cannot be saved "
                             f"there: turn `streaming` off for the run that writes it")
         return _stream(specs, config, tokenizer, template, kind, packing)
     if tokenized_path is not None:
-        splits = _build(specs, config, tokenizer, template, kind, packing)
+        splits = _build(specs, config, tokenizer, template, kind, packing, media)
         save_splits(tokenized_path, splits.train, splits.eval, _meta(kind, splits.reports))
         logger.info("saved the tokenized data to tokenized_path %s: runs with this tokenized_path read it from there",
                     tokenized_path)
     else:
-        splits = _cached_build(specs, config, tokenizer, template, kind, packing)
+        splits = _cached_build(specs, config, tokenizer, template, kind, packing, media)
     _log_sets(splits, config, kind, packing, tokenizer)
     return splits
 
@@ -115,14 +122,15 @@ def resolve_packing(config: Any, kind: str) -> bool:
 
 
 def _cached_build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
-                  packing: bool) -> DatasetSplits:
-    key = cache_key(config, kind=kind, packing=packing, specs=specs, tokenizer=tokenizer, template=template)
+                  packing: bool, media: Any) -> DatasetSplits:
+    key = cache_key(config, kind=kind, packing=packing, specs=specs, tokenizer=tokenizer, template=template,
+                    media=media)
     folder = cache_folder(config, key)
     saved = None if config.overwrite_cache else load_saved(folder)
     if saved is not None:
         logger.info("loaded tokenized data from cache %s", folder)
         return DatasetSplits(saved.train, saved.eval, _reports(saved.meta))
-    splits = _build(specs, config, tokenizer, template, kind, packing)
+    splits = _build(specs, config, tokenizer, template, kind, packing, media)
     save_splits(folder, splits.train, splits.eval, _meta(kind, splits.reports), key)
     logger.info("saved the tokenized data to cache %s", folder)
     return splits
@@ -157,13 +165,13 @@ def _reports(meta: dict[str, Any]) -> list[LoadReport]:
 
 
 def _build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
-           packing: bool) -> DatasetSplits:
+           packing: bool, media: Any = None) -> DatasetSplits:
     reports: list[LoadReport] = []
     sets: dict[str, Any] = {}
     for split, group in specs.items():
         parts = []
         for spec in group:
-            tokenized, report = _prepare(spec, split, config, tokenizer, template, kind)
+            tokenized, report = _prepare(spec, split, config, tokenizer, template, kind, media)
             parts.append(tokenized)
             reports.append(report)
         sets[split] = _mix(parts, config if split == "train" else None)
@@ -175,14 +183,16 @@ def _build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, tem
     return DatasetSplits(train, evaluation, reports)
 
 
-def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, template: Any,
-             kind: str) -> tuple[Any, LoadReport]:
-    """One dataset read, sampled, converted, checked, tokenized and measured."""
+def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, template: Any, kind: str,
+             media: Any) -> tuple[Any, LoadReport]:
+    """One dataset read, sampled, converted, checked (its media measured), tokenized and measured."""
     raw, rows = _sample(_read(spec, config), spec, config)
     converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
                         remove_columns=raw.column_names, features=features(config.stage),
                         fn_kwargs={"spec": spec, "stage": config.stage},
                         **_map_options(config, raw, f"converting {spec.name}"))
+    converted = measure_media(converted, spec, config, media, kind, rows,
+                              _map_options(config, converted, f"reading the media of {spec.name}"))
     rules = list(converted["_rule"])
     # Raises when nothing survives, or at the first invalid sample with strict_data.
     validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows)
@@ -192,8 +202,9 @@ def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, templat
     converted = converted.remove_columns("_rule")
     tokenized = converted.map(PROCESSORS[kind], batched=True, batch_size=config.preprocessing_batch_size,
                               remove_columns=converted.column_names,
-                              fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
+                              fn_kwargs=dict(tokenizer=tokenizer, template=template, config=config, media=media),
                               **_map_options(config, converted, f"tokenizing {spec.name}"))
+    tokenized, validation = skip_cut_samples(tokenized, spec, rules, validation, config, rows)
     tokens = measure(tokenized, kind)
     logger.info("dataset %r (%s): %d of %d samples kept, %s", spec.name, spec.where, validation.kept,
                 validation.total, describe_tokens(tokens))

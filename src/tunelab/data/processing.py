@@ -6,9 +6,10 @@ The loader maps every dataset through one function of `PROCESSORS`, picked by th
     dataset.map(fn, batched=True, remove_columns=dataset.column_names,
                 fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config})
 
-Every function has the signature `fn(batch, *, tokenizer, template, config) -> dict[str, list]` and reads these
-config keys (and no others, so a cache key over them is complete): `cutoff_len`; sft also `train_on_prompt` and
-`mask_history`. The kinds, the stages that use them, the columns they read and the columns they return:
+Every function has the signature `fn(batch, *, tokenizer, template, config, media=None) -> dict[str, list]` and
+reads these config keys (and no others, so a cache key over them is complete): `cutoff_len`; sft also
+`train_on_prompt` and `mask_history`. The kinds, the stages that use them, the columns they read and the columns
+they return:
 
 * `pt` (pt): text -> input_ids, attention_mask, labels.
 * `sft` (sft): messages, system, tools -> input_ids, attention_mask, labels.
@@ -38,6 +39,14 @@ What each does:
 * prompt: the whole conversation before the last reply, ending with the generation prompt (what a model generates
   from), cut from the left to cutoff_len; `labels` are the reference reply's ids (with its end-of-turn tokens),
   unmasked and not aligned with `input_ids`, for metrics; empty when the conversation has no reference.
+
+With a vision-language model, `media` (a `data.media.MediaProcessor`) is given, and sft, pairwise and prompt
+samples may hold images and videos (the loader refuses them for pt and kto): each `<image>` / `<video>` placeholder
+becomes its vision block (`media.expand`, with the token counts `data.media.checks` measured per file) before the
+template renders the conversation; vision tokens are never trained, also with `train_on_prompt`; each row keeps its
+`images` and `videos` for the collator, and `_media_rule` says when cutoff_len cut into a vision block (the model
+could not match such a block to its image): the loader then skips the sample and reports it, as LLaMA-Factory
+cannot train on it either.
 
 The pure functions (`sft_example`, `fit_turn`, `pairwise_example`, `chunk_documents`) are what the tests pin down;
 the `*_batch` functions wrap them for `datasets.map(batched=True)`. Packing SFT rows is `tunelab.data.packing`.
@@ -124,15 +133,43 @@ def supervised(prompt: list[int], response: list[int]) -> tuple[list[int], list[
 
 #: Whether cutoff_len cut tokens off the sample (either sequence of a pair); the loader counts it, then drops it.
 TRUNCATED_COLUMN = "_truncated"
+#: With a vision-language model: each row's files (kept for the collator), the tokens of each of its files (read,
+#: measured by data/media/checks.py), and the rule a row breaks ("" when none; the loader skips such rows).
+MEDIA_COLUMNS = ("images", "videos")
+IMAGE_TOKENS_COLUMN, VIDEO_TOKENS_COLUMN = "_image_tokens", "_video_tokens"
+MEDIA_RULE_COLUMN = "_media_rule"
 
 
-def _new_columns(*prefixes: str) -> Columns:
-    """Empty sequence columns for each prefix ("" for the plain ones), and the truncation flag."""
+def _new_columns(*prefixes: str, media: Any = None) -> Columns:
+    """Empty sequence columns for each prefix ("" for the plain ones), the truncation flag, and the media columns."""
     columns = {prefix + name: [] for prefix in prefixes for name in ("input_ids", "attention_mask", "labels")}
+    if media is not None:
+        columns.update({name: [] for name in (*MEDIA_COLUMNS, MEDIA_RULE_COLUMN)})
     return {**columns, TRUNCATED_COLUMN: []}
 
 
-def _add_row(out: Columns, input_ids: list[int], labels: list[int], prefix: str = "") -> None:
+def _expanded(messages: list[dict], batch: Columns, index: int, media: Any) -> list[dict]:
+    """The messages with their image and video placeholders expanded to vision blocks (with a vision model, for a
+    dataset that has media: data/media/checks.py measured its files)."""
+    if media is None or IMAGE_TOKENS_COLUMN not in batch:
+        return messages
+    return media.expand(messages, batch[IMAGE_TOKENS_COLUMN][index], batch[VIDEO_TOKENS_COLUMN][index])
+
+
+def _add_media(out: Columns, batch: Columns, index: int, media: Any, full: list[int], kept: list[int]) -> None:
+    """A row's files, and whether cutoff_len kept fewer vision tokens (`kept`) than the whole sample has (`full`)."""
+    if media is None:
+        return
+    for column in MEDIA_COLUMNS:
+        out[column].append(batch[column][index])
+    total, lost = media.count_vision(full), media.count_vision(full) - media.count_vision(kept)
+    out[MEDIA_RULE_COLUMN].append(f"vision tokens cut by cutoff_len: {lost} of its {total} vision tokens do not fit"
+                                  if lost else "")
+
+
+def _add_row(out: Columns, input_ids: list[int], labels: list[int], prefix: str = "", media: Any = None) -> None:
+    if media is not None:
+        labels = media.mask_labels(input_ids, labels, IGNORE_INDEX)
     out[f"{prefix}input_ids"].append(input_ids)
     out[f"{prefix}attention_mask"].append([1] * len(input_ids))
     out[f"{prefix}labels"].append(labels)
@@ -142,33 +179,40 @@ def _conversations(batch: Columns) -> Iterator[tuple[list[dict], str | None, str
     return zip(batch["messages"], batch["system"], batch["tools"])
 
 
-def sft_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+def sft_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind sft: one row per conversation, the replies trained (see the module docstring)."""
-    out = _new_columns("")
-    for messages, system, tools in _conversations(batch):
-        pairs = template.encode_turns(tokenizer, messages, system, tools)
-        _add_row(out, *sft_example(pairs, config.cutoff_len, config.train_on_prompt, config.mask_history))
-        full_length = sum(len(prompt) + len(reply) for prompt, reply in pairs)
-        out[TRUNCATED_COLUMN].append(full_length > len(out["input_ids"][-1]))
+    out = _new_columns("", media=media)
+    for index, (messages, system, tools) in enumerate(_conversations(batch)):
+        pairs = template.encode_turns(tokenizer, _expanded(messages, batch, index, media), system, tools)
+        _add_row(out, *sft_example(pairs, config.cutoff_len, config.train_on_prompt, config.mask_history),
+                 media=media)
+        full = [i for prompt, reply in pairs for i in prompt + reply]
+        out[TRUNCATED_COLUMN].append(len(full) > len(out["input_ids"][-1]))
+        _add_media(out, batch, index, media, full, out["input_ids"][-1])
     return out
 
 
-def pairwise_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+def pairwise_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind pairwise (rm, dpo, orpo, simpo): a chosen and a rejected sequence per row, sharing one prompt."""
-    out = _new_columns("chosen_", "rejected_")
-    for (messages, system, tools), chosen, rejected in zip(_conversations(batch), batch["chosen"], batch["rejected"]):
-        encoded = [prompt_and_reply(template.encode_turns(tokenizer, [*messages, reply], system, tools))
-                   for reply in (chosen, rejected)]
+    out = _new_columns("chosen_", "rejected_", media=media)
+    rows = zip(_conversations(batch), batch["chosen"], batch["rejected"])
+    for index, ((messages, system, tools), chosen, rejected) in enumerate(rows):
+        conversations = [_expanded([*messages, reply], batch, index, media) for reply in (chosen, rejected)]
+        encoded = [prompt_and_reply(template.encode_turns(tokenizer, conversation, system, tools))
+                   for conversation in conversations]
         full_prompt, full_chosen, full_rejected = shared_prompt(*encoded)
         out[TRUNCATED_COLUMN].append(len(full_prompt) + max(len(full_chosen), len(full_rejected)) > config.cutoff_len)
         prompt, chosen_ids, rejected_ids = pairwise_example(full_prompt, full_chosen, full_rejected, config.cutoff_len)
-        _add_row(out, *supervised(prompt, chosen_ids), prefix="chosen_")
-        _add_row(out, *supervised(prompt, rejected_ids), prefix="rejected_")
+        _add_row(out, *supervised(prompt, chosen_ids), prefix="chosen_", media=media)
+        _add_row(out, *supervised(prompt, rejected_ids), prefix="rejected_", media=media)
+        _add_media(out, batch, index, media, full_prompt + full_chosen + full_rejected,
+                   prompt + chosen_ids + rejected_ids)
     return out
 
 
-def kto_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
-    """Kind kto: the sample with its tag, and its KL pair (its prompt, the next sample's reply)."""
+def kto_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
+    """Kind kto: the sample with its tag, and its KL pair (its prompt, the next sample's reply). Text only: the
+    loader refuses kto samples with images or videos (`media` is not used)."""
     encoded = [prompt_and_reply(template.encode_turns(tokenizer, messages, system, tools))
                for messages, system, tools in _conversations(batch)]
     other_replies = [reply for _, reply in encoded[1:] + encoded[:1]]
@@ -180,10 +224,11 @@ def kto_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> 
     return out
 
 
-def prompt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
+def prompt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind prompt (ppo, grpo, prediction): the prompt to generate from, the reference reply as labels."""
-    out = _new_columns("")
-    for messages, system, tools in _conversations(batch):
+    out = _new_columns("", media=media)
+    for index, (messages, system, tools) in enumerate(_conversations(batch)):
+        messages = _expanded(messages, batch, index, media)
         # Roles alternate from the prompt side, so an odd count ends on it: no reference answer, no labels.
         answered = len(messages) % 2 == 0
         if answered:
@@ -193,6 +238,7 @@ def prompt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) 
         # Cut from the left: the end of the prompt is the question and the generation prompt.
         _add_row(out, prompt[-config.cutoff_len:], reply)
         out[TRUNCATED_COLUMN].append(len(prompt) > config.cutoff_len)
+        _add_media(out, batch, index, media, prompt, out["input_ids"][-1])
     return out
 
 
@@ -218,8 +264,8 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> Columns:
-    """Kind pt: documents chunked to cutoff_len (the template is not used)."""
+def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
+    """Kind pt: documents chunked to cutoff_len (the template is not used; plain text has no media)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to separate documents")
     documents = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
@@ -230,7 +276,7 @@ def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any) -> C
             TRUNCATED_COLUMN: [False] * len(chunks)}
 
 
-#: data kind -> its `datasets.map(batched=True)` function, `fn(batch, *, tokenizer, template, config)`.
+#: data kind -> its `datasets.map(batched=True)` function, `fn(batch, *, tokenizer, template, config, media=None)`.
 PROCESSORS: dict[str, Callable[..., Columns]] = {
     "pt": pt_batch, "sft": sft_batch, "pairwise": pairwise_batch, "kto": kto_batch, "prompt": prompt_batch,
 }

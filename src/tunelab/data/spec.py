@@ -98,6 +98,7 @@ class DatasetSpec:
     num_samples: int | None = None
     columns: dict[str, str] | None = None   # None: the entry has no `columns` object (DEFAULT_COLUMNS apply)
     tags: dict[str, str] | None = None      # None: no `tags` object (DEFAULT_TAGS apply)
+    media_root: Path | None = None          # the config's `media_dir`, when set
 
     @property
     def where(self) -> str:
@@ -111,7 +112,10 @@ class DatasetSpec:
 
     @property
     def media_dir(self) -> Path | None:
-        """Where relative image/video/audio paths start: dataset_dir, as in LLaMA-Factory, or a direct file's folder."""
+        """Where relative image/video/audio paths start: the config's `media_dir`, else dataset_dir (as in
+        LLaMA-Factory), or a direct file's folder."""
+        if self.media_root is not None:
+            return self.media_root
         if self.info_path is not None:
             return self.info_path.parent
         if self.path is not None:

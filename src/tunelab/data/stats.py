@@ -5,6 +5,7 @@
 """
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 from tunelab.data.processing import IGNORE_INDEX, TRUNCATED_COLUMN
@@ -88,7 +89,8 @@ def describe_example(row: dict[str, list[int]], tokenizer: Any, marks: tuple[str
                      ids_column: str = "input_ids", labels_column: str | None = "labels") -> str:
     """Decode a tokenized sample, wrapping each run of trained tokens (labels != -100) in `marks`.
 
-    With `labels_column` None (a sequence nothing in is trained) the ids are decoded as they are.
+    With `labels_column` None (a sequence nothing in is trained) the ids are decoded as they are. A run of one special
+    token (the hundreds of pad tokens an image becomes) is written once with its count: `<|image_pad|>×84`.
     """
     labels = row[labels_column] if labels_column is not None else [IGNORE_INDEX] * len(row[ids_column])
     runs: list[tuple[bool, list[int]]] = []
@@ -99,8 +101,27 @@ def describe_example(row: dict[str, list[int]], tokenizer: Any, marks: tuple[str
         else:
             runs.append((trained, [token]))
     opening, closing = marks
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     text = ""
     for trained, ids in runs:
-        piece = tokenizer.decode(ids, skip_special_tokens=False)
+        piece = _decode_runs(tokenizer, ids, special)
         text += f"{opening}{piece}{closing}" if trained else piece
     return text
+
+
+#: From this many copies in a row, a special token is written once with its count.
+SHOWN_ONCE = 4
+
+
+def _decode_runs(tokenizer: Any, ids: list[int], special: set[int]) -> str:
+    """The ids decoded, each run of SHOWN_ONCE or more copies of one special token written as `token×count`."""
+    pieces, plain = [], []
+    for token, copies in groupby(ids):
+        count = len(list(copies))
+        if token in special and count >= SHOWN_ONCE:
+            pieces += [tokenizer.decode(plain, skip_special_tokens=False),
+                       f"{tokenizer.decode([token], skip_special_tokens=False)}×{count}"]
+            plain = []
+        else:
+            plain += [token] * count
+    return "".join(pieces) + tokenizer.decode(plain, skip_special_tokens=False)

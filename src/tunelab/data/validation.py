@@ -45,13 +45,21 @@ RULES = {
     "invalid tools": "tools must be a JSON list of function specs",
     "placeholder count mismatch": "a sample needs one file per <image>, <video> or <audio> placeholder in its text",
     "media not a path": "images, videos and audios must be file paths or URLs",
-    "media file not found": "a media file must exist (relative paths start at dataset_dir)",
+    "media file not found": "a media file must exist (relative paths start at media_dir, by default dataset_dir)",
     "empty text": "a pre-training document must not be empty",
+}
+#: Rules of the media of a vision-language model's samples, checked after conversion (data/media/checks.py): they
+#: need the model's processor, and are reported (and made strict) like the rules above.
+MEDIA_RULES = {
+    "unreadable media": "every image and video must be a local file that decodes (PIL reads images, PyAV videos)",
+    "vision tokens cut by cutoff_len": "every image and video block must fit in cutoff_len whole: raise cutoff_len, "
+                                       "or lower image_max_pixels, video_max_pixels or video_maxlen",
 }
 
 PROMPT_ROLES = ("user", "tool")
 REPLY_ROLES = ("assistant", "tool_call")
 MEDIA_PLACEHOLDERS = {"images": "<image>", "videos": "<video>", "audios": "<audio>"}
+_EXPLAINED = {**RULES, **MEDIA_RULES}
 _SEPARATOR = ": "  # between rule and detail in the `_rule` column; rule names hold no colon
 
 
@@ -170,13 +178,13 @@ def check_dataset(spec: DatasetSpec, rules: list[str], *, stage: str, strict: bo
     if strict and counts:
         index, detail, rule = min((index, detail, rule) for rule, (index, detail) in first.items())
         raise DataError(f"dataset {spec.name!r}: {where(index)}: {rule}{_SEPARATOR + detail if detail else ''} "
-                        f"({RULES[rule]}); `strict_data: true` refuses a dataset with an invalid sample: fix it, or "
-                        f"set `strict_data: false` to skip such samples")
+                        f"({_EXPLAINED[rule]}); `strict_data: true` refuses a dataset with an invalid sample: fix "
+                        f"it, or set `strict_data: false` to skip such samples")
     report = DatasetReport(spec.name, spec.where, len(rules), {
         rule: RuleCount(count, where(first[rule][0]), first[rule][1]) for rule, count in counts.most_common()})
     if report.kept == 0:
         usage = "as pre-training text" if stage == "pt" else f"as `formatting: {spec.formatting}` for stage {stage}"
-        reasons = "; ".join(f"{skipped.count} {rule} ({RULES[rule]}; first at {skipped.first_case()})"
+        reasons = "; ".join(f"{skipped.count} {rule} ({_EXPLAINED[rule]}; first at {skipped.first_case()})"
                             for rule, skipped in report.skipped.items())
         raise DataError(f"dataset {spec.name!r} ({spec.where}): none of its {len(rules)} samples is usable {usage}: "
                         f"{reasons or 'the dataset is empty'}")

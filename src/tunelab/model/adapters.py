@@ -5,7 +5,8 @@
 
 Both methods share one path: earlier adapters are merged, then the last is continued or a fresh one is created on the
 targets `lora_target` / `oft_target` name (`all`: every linear layer but the head and the vision tower; with
-`use_llama_pro`, only those of the blocks LLaMA Pro trains), with `additional_target` trained in full beside it.
+`use_llama_pro`, only those of the blocks LLaMA Pro trains), with `additional_target` trained in full beside it. On a
+vision-language model the freeze_* keys decide which parts an adapter may touch (`vision.py`).
 """
 
 import logging
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING
 from tunelab.config import Config, ConfigError
 from tunelab.model.layers import (VISION_PARTS, decoder_layers_prefix, embedding_names, layer_pattern, names_module,
                                   num_layers, trainable_layer_ids)
+from tunelab.model.vision import (adapter_leaves_alone, log_frozen_parts, projector_to_train, vision_family,
+                                  warn_if_keys_unused)
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -43,7 +46,7 @@ def add_adapter(model: "PreTrainedModel", config: Config, vocab_resized: bool) -
 
     model = _merge_adapters(model, adapters, config)
     targets, excluded = _adapter_targets(model, config)
-    modules_to_save = list(config.additional_target or [])
+    modules_to_save = list(config.additional_target or []) + projector_to_train(model, config)
     if vocab_resized:
         modules_to_save += [name for name in embedding_names(model) if name not in modules_to_save]
         logger.info("the vocab was resized: %s train in full beside the adapter", ", ".join(modules_to_save))
@@ -111,38 +114,61 @@ def _oft_config(config: Config, targets: list[str], excluded: list[str] | None,
 
 def _adapter_targets(model: "PreTrainedModel", config: Config) -> tuple[list[str], list[str] | None]:
     """(target_modules, exclude_modules) for peft from `lora_target` or `oft_target`: `all` means every linear layer
-    but the head and the vision tower. With `use_llama_pro`, the full names of the chosen modules inside the blocks
-    LLaMA Pro trains, so the adapter touches nothing else."""
+    but the head and the parts an adapter leaves alone (the vision tower, or what the freeze_* keys say on a
+    vision-language model). With `use_llama_pro`, the full names of the chosen modules inside the blocks LLaMA Pro
+    trains, so the adapter touches nothing else."""
     from torch import nn
 
     key = "lora_target" if config.method == "lora" else "oft_target"
     requested = getattr(config, key)
-    # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear, so quantized models are covered too.
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    family = vision_family(model)
+    if family is None:
+        warn_if_keys_unused(config)
+    else:
+        log_frozen_parts(config)
+
+    def left_alone(name: str) -> bool:
+        if family is None:
+            return bool(VISION_PARTS.intersection(name.split(".")))
+        return adapter_leaves_alone(name, family, config)
+
     head = model.get_output_embeddings()
-    excluded = sorted(name for name, module in linears.items()
-                      if module is head or VISION_PARTS.intersection(name.split(".")))
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears if name not in excluded})
-    everything = requested == ["all"]
     module_names = [name for name, _ in model.named_modules()]
+    # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear, so quantized models are covered too.
+    allowed = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and module is not head and not left_alone(name)]
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in allowed})
+    if family is not None and not allowed:
+        raise ConfigError(f"`{key}`: no linear layer is left for the adapter: the freeze_* keys freeze every part "
+                          f"of {config.model_name_or_path} that has one")
+    everything = requested == ["all"]
     if not everything:
         for target in requested:
             if not any(names_module(name, target) for name in module_names):
                 raise ConfigError(f"`{key}`: {target} matches no module; the linear layers are: "
                                   f"{', '.join(suffixes)} (or use `all`)")
+            if not any(names_module(name, target) for name in module_names if not left_alone(name)):
+                raise ConfigError(f"`{key}`: {target} is only found in a part the freeze_* keys freeze")
 
     if not config.use_llama_pro:
-        # Short names keep adapter_config.json readable; the exclusions guard against a head or vision layer that
-        # shares one of them.
-        return (suffixes, excluded or None) if everything else (list(requested), None)
+        # Short names keep adapter_config.json readable. peft matches a short name against the end of every module
+        # name, so the modules elsewhere that share one are excluded by full name: the head, a frozen tower's
+        # gate_proj (Qwen2.5-VL's blocks have the language model's names), Qwen2-VL's patch embedding (a
+        # convolution named `proj`, like the tower's attention output). A target named explicitly may be the head.
+        if everything:
+            clashes = [name for name in module_names if name.rsplit(".", 1)[-1] in suffixes and name not in allowed]
+            return suffixes, clashes or None
+        clashes = [name for name in module_names if left_alone(name)
+                   and any(name == target or name.endswith(f".{target}") for target in requested)]
+        return list(requested), clashes or None
 
     n_layers = num_layers(model)
     chosen = set(trainable_layer_ids(config, n_layers))
     in_layer = layer_pattern(decoder_layers_prefix(model, n_layers))
     names = []
-    for name in (linears if everything else module_names):
+    for name in (allowed if everything else module_names):
         found = in_layer.fullmatch(name)
-        if not found or int(found[1]) not in chosen or name in excluded:
+        if not found or int(found[1]) not in chosen or left_alone(name):
             continue
         # peft's own rule for a listed target: the module's name is it, or ends with `.<target>`.
         if everything or any(found[2] == target or found[2].endswith(f".{target}") for target in requested):

@@ -9,6 +9,8 @@
   `infer_dtype` (auto: the base model's own dtype; a GGUF base loads as float32 and stays so);
 * the tokenizer, padding left for batched generation, with the run's chat template (default_system and
   enable_thinking baked in), so a server formats prompts exactly as training did;
+* for a vision-language model, the image and video processor configs (`processor_files.py`), so the folder is a
+  model folder again (`AutoModelForImageTextToText` loads the weights);
 * `generation_config.json` from the generation keys, ending replies at the template's stop tokens;
 * an Ollama `Modelfile` whose template and stop words match (`data/template/ollama.py`);
 * for `stage: rm`, `value_head.safetensors`, so the folder is a reward model `reward_model_type: full` loads;
@@ -33,7 +35,9 @@ from tunelab.data.template import modelfile
 from tunelab.model.generation import generation_config
 from tunelab.model.loader import hub_kwargs, load_model, load_tokenizer, resolve_source
 from tunelab.model.adapters import load_adapters_for_inference
+from tunelab.model.processor_files import copy_processor_files
 from tunelab.model.value_head import VALUE_HEAD_FILE, has_value_head
+from tunelab.model.vision import is_vision_language
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +75,11 @@ def _export(config: Config, max_shard_size: str) -> Path:
     _write_marker(export_dir, config, kept=kept, files=None)
     model.save_pretrained(export_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(export_dir)
+    processor_files = copy_processor_files(config, export_dir)
+    if is_vision_language(model.config) and "preprocessor_config.json" not in processor_files:
+        logger.warning("%s reads images, but neither the base model nor the adapter folder has a "
+                       "preprocessor_config.json to copy: add the base model's to %s before serving it",
+                       type(model).__name__, export_dir)
     (export_dir / "Modelfile").write_text(ollama, encoding="utf-8")
     if head_folder is not None:
         shutil.copyfile(head_folder / VALUE_HEAD_FILE, export_dir / VALUE_HEAD_FILE)

@@ -1,8 +1,10 @@
 """Load the tokenizer and the model a config names, ready to train or to run.
 
 `model_name_or_path` may be a local folder, a hub id, a local `.gguf` file (transformers dequantizes GGUF weights
-to float), or an embedded model's `tunelab:` name (see `embedded.py`). Every user mistake found here (a path that
-does not exist, a missing optional package, a RoPE setting the model cannot take) raises `ConfigError` naming the key.
+to float), or an embedded model's `tunelab:` name (see `embedded.py`). A model whose config has a vision part
+(Qwen2-VL, Qwen2.5-VL, ...) loads as an image-text model, since `AutoModelForCausalLM` refuses those. Every user
+mistake found here (a path that does not exist, a missing optional package, a RoPE setting the model cannot take)
+raises `ConfigError` naming the key.
 """
 
 import importlib.util
@@ -19,6 +21,7 @@ from tunelab.config import Config, ConfigError
 from tunelab.model.adapters import load_adapters_for_inference
 from tunelab.model.embedded import resolve_embedded
 from tunelab.model.methods import apply_method, count_parameters
+from tunelab.model.vision import is_vision_language
 
 if TYPE_CHECKING:
     import torch
@@ -108,12 +111,13 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
     and the model is returned in eval mode with every gradient off.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     source = resolve_source(config)
     with _loading(source, "model config"):
         model_config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, **hub_kwargs(config))
     _apply_rope_scaling(model_config, config)
+    auto_class = model_class(model_config)
 
     dtype = _weights_dtype(config, model_config, trainable)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -125,14 +129,14 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
         if config.quantization_bit is not None:
             raise ConfigError("`train_from_scratch` cannot be combined with `quantization_bit`: "
                               "random weights are created in float, not quantized")
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code, **kwargs)
+        model = auto_class.from_config(model_config, trust_remote_code=config.trust_remote_code, **kwargs)
         logger.info("initialised %s with random weights (train_from_scratch)", type(model).__name__)
     else:
         if config.quantization_bit is not None:
             kwargs.update(_quantization_kwargs(config, source, dtype))
         with _loading(source, "model"):
-            model = AutoModelForCausalLM.from_pretrained(source.path, config=model_config, gguf_file=source.gguf_file,
-                                                         **hub_kwargs(config), **kwargs)
+            model = auto_class.from_pretrained(source.path, config=model_config, gguf_file=source.gguf_file,
+                                               **hub_kwargs(config), **kwargs)
         if source.gguf_file:
             forget_gguf_origin(model)
     logger.info("loaded %s in %s (attention: %s)", type(model).__name__, model.dtype,
@@ -152,6 +156,22 @@ def load_model(config: Config, tokenizer: "PreTrainedTokenizerBase", trainable: 
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def model_class(model_config: "PretrainedConfig") -> type:
+    """The transformers auto class that builds this model: the image-text one for a model with a vision part that
+    transformers (or its remote code's `auto_map`) registers as such, else the causal LM one."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if not is_vision_language(model_config):
+        return AutoModelForCausalLM
+    # Some remote-code vision-language models register only AutoModelForCausalLM; they keep loading that way.
+    auto_map = getattr(model_config, "auto_map", None) or {}
+    if (model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            or "AutoModelForImageTextToText" in auto_map):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def forget_gguf_origin(model: "PreTrainedModel") -> None:
@@ -239,6 +259,9 @@ def _apply_rope_scaling(model_config: "PretrainedConfig", config: Config) -> Non
         logger.warning("rope_scaling: replacing the model's own %s RoPE scaling", current["rope_type"])
     factor = math.ceil(config.cutoff_len / trained_length)
     params = {"rope_type": config.rope_scaling, "factor": float(factor), "rope_theta": current["rope_theta"]}
+    if "mrope_section" in current:
+        # Qwen2-VL's multimodal RoPE: how the rotary dimensions split among time, height and width, kept as is.
+        params["mrope_section"] = current["mrope_section"]
     if config.rope_scaling in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = trained_length
     if config.rope_scaling == "llama3":

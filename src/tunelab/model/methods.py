@@ -14,6 +14,7 @@ from tunelab.model.adapters import add_adapter
 from tunelab.model.layers import (decoder_layers_prefix, embedding_names, layer_pattern, names_module, num_layers,
                                   trainable_layer_ids)
 from tunelab.model.precision import set_trainable_dtype, upcast_layernorm, upcast_lmhead_output
+from tunelab.model.vision import apply_freeze_keys, is_vision_language
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -40,6 +41,11 @@ def apply_method(model: "PreTrainedModel", config: Config, vocab_resized: bool =
     model.config.use_cache = False
 
     model = METHODS[config.method](model, config, vocab_resized)
+    if count_parameters(model)[0] == 0:
+        keys = (" with freeze_vision_tower, freeze_multi_modal_projector and freeze_language_model as set"
+                if is_vision_language(model.config) else "")
+        raise ConfigError(f"nothing left to train: `finetuning_type: {config.finetuning_type}`{keys} freezes every "
+                          f"weight of {config.model_name_or_path}")
     set_trainable_dtype(model, config)
     if config.upcast_layernorm:
         upcast_layernorm(model)
@@ -67,13 +73,15 @@ def count_parameters(model: "PreTrainedModel") -> tuple[int, int]:
 
 
 def _train_all(model: "PreTrainedModel", config: Config, vocab_resized: bool) -> "PreTrainedModel":
+    """full: every weight, except the parts of a vision-language model its freeze_* keys freeze."""
     model.requires_grad_(True)
+    apply_freeze_keys(model, config)
     return model
 
 
 def _train_some_layers(model: "PreTrainedModel", config: Config, vocab_resized: bool) -> "PreTrainedModel":
-    """freeze: train the last N decoder layers (first |N| when negative; with `use_llama_pro`, N blocks spread
-    evenly), optionally only some of their modules."""
+    """freeze: train the last N decoder layers of the language model (first |N| when negative; with
+    `use_llama_pro`, N blocks spread evenly), optionally only some of their modules."""
     n_layers = num_layers(model)
     chosen = trainable_layer_ids(config, n_layers)
     in_layer = layer_pattern(decoder_layers_prefix(model, n_layers))
@@ -112,6 +120,9 @@ def _train_some_layers(model: "PreTrainedModel", config: Config, vocab_resized: 
                               f"{', '.join(sorted(n for n in available if not n.isdigit()))}")
     logger.info("freeze: training layers %s of %d%s", chosen, n_layers,
                 f" (modules: {', '.join(inside)})" if inside else "")
+    # The layers above are the language model's (layers.py skips the vision tower's blocks); a vision-language
+    # model's tower and projector then train or not as their keys say.
+    apply_freeze_keys(model, config)
     return model
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from tunelab.model.vision import is_vision_language
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -69,12 +71,22 @@ class ValueHeadModel(torch.nn.Module):
                                         use_cache=False, **kwargs)
             hidden, logits = out.hidden_states[-1], out.logits
         else:
-            # The decoder alone: the vocabulary projection is the largest matrix product and scores do not need it.
-            out = self.pretrained_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                                      use_cache=False, **kwargs)
+            # The model without its head: the vocabulary projection is the largest matrix product and scores do not
+            # need it.
+            out = self._backbone()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
             hidden, logits = out.last_hidden_state, None
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         return ValueHeadOutput(values=values, logits=logits)
+
+    def _backbone(self) -> torch.nn.Module:
+        """The model below the vocabulary head: the decoder of a causal LM; for a vision-language model the
+        multimodal model, since its decoder alone would take image tokens for text (it ignores pixel_values)."""
+        model = self.pretrained_model
+        if not is_vision_language(model.config):
+            return model.get_decoder()
+        # peft injects its layers in place, so the transformers model under a PeftModel computes with the adapter.
+        unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return unwrapped.base_model
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                         **kwargs: Any) -> None:

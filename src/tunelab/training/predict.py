@@ -44,10 +44,14 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 
 
-def check_prediction(args: TrainingArguments) -> None:
+def check_prediction(args: TrainingArguments, media: Any = None) -> None:
     """Refuse, before the model loads, what prediction cannot do: generate from a model sharded across processes
-    (each process generates its own prompts with a whole copy)."""
+    (each process generates its own prompts with a whole copy), or from images and videos (not batched yet)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if media is not None:
+        raise ConfigError("`do_predict` does not generate from images and videos yet: predict a vision-language model "
+                          "with `tunelab chat` or the API")
 
     if is_deepspeed_zero3_enabled() or args.fsdp:
         raise ConfigError("`do_predict` generates with a whole copy of the model on every process, but DeepSpeed "

@@ -15,18 +15,19 @@ def stage_module(stage: str) -> Any:
 
 def run_training(config: Config) -> dict[str, Any]:
     setup_logging()
-    try:
-        return stage_module(config.stage).run(config)
-    finally:
-        _leave_process_group()
+    results = stage_module(config.stage).run(config)
+    _leave_process_group()
+    return results
 
 
 def _leave_process_group() -> None:
-    """Under torchrun, shut the process group down before the interpreter exits: left to exit-time destructors,
-    gloo's threads may be torn down while still running (`terminate called without an active exception`)."""
+    """Under torchrun, wait until every process is done (the main one may still be writing weights), then shut the
+    process group down before the interpreter exits: left to exit-time destructors, gloo's threads may be torn down
+    while still running (`terminate called without an active exception`)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -9,8 +9,8 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, se
 
 from tunelab.config import Config
 from tunelab.config.stages import STAGE_SPECS
-from tunelab.data import DatasetSplits, Template, load_datasets, prepare_template
-from tunelab.model import load_tokenizer
+from tunelab.data import DatasetSplits, MediaProcessor, Template, load_datasets, load_media_processor, prepare_template
+from tunelab.model import copy_processor_files, load_tokenizer
 from tunelab.training.arguments import build_training_arguments
 from tunelab.training.optimizers import attach_optimizer
 from tunelab.training.output_dir import prepare_output_dir
@@ -29,6 +29,7 @@ class RunStart:
     tokenizer: PreTrainedTokenizerBase
     template: Template | None
     splits: DatasetSplits
+    media: MediaProcessor | None = None   # a vision-language model's images and videos; the collator takes it too
 
 
 def start_run(config: Config) -> RunStart:
@@ -39,9 +40,10 @@ def start_run(config: Config) -> RunStart:
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
     template = prepare_template(config, tokenizer)
+    media = load_media_processor(config, tokenizer)
     with args.main_process_first(desc="tokenizing the datasets"):
-        splits = load_datasets(config, tokenizer, template)
-    return RunStart(args, resume_from, tokenizer, template, splits)
+        splits = load_datasets(config, tokenizer, template, media=media)
+    return RunStart(args, resume_from, tokenizer, template, splits, media)
 
 
 def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
@@ -61,6 +63,10 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
         session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
         metrics["train_tokens_per_second"] = round(session_tokens / max(metrics["train_runtime"], 1e-9), 2)
         trainer.save_model()
+        if trainer.is_world_process_zero():
+            # A vision-language model's image processor settings go beside the weights, so the folder chats and
+            # exports on its own.
+            copy_processor_files(config, config.output_dir)
         trainer.save_state()
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

@@ -20,6 +20,7 @@ from tunelab.config.method_options import (AdapterVariantOptions, LayerAndLossOp
 from tunelab.config.schema import (Config, DataOptions, EvaluationOptions, ExportOptions, GenerationOptions,
                                    InferenceOptions, MethodOptions, ModelOptions, PreferenceOptions, RewardOptions,
                                    TrainingOptions, public_fields)
+from tunelab.config.multimodal_options import MultimodalOptions
 from tunelab.data import resolve_datasets
 
 #: The top bar: the model and how it is adapted, shared by every tab.
@@ -37,6 +38,7 @@ TRAIN_HEAD_KEYS = ("stage", "dataset_dir", "dataset", "learning_rate", "num_trai
 #: declaration order.
 GROUP_OF = {MethodOptions: "method", AdapterVariantOptions: "method", OptimizerOptions: "method",
             LayerAndLossOptions: "method", PrecisionOptions: "method", ModelOptions: "model", DataOptions: "data",
+            MultimodalOptions: "data",
             PreferenceOptions: "preference", RewardOptions: "reward", InferenceOptions: "generation",
             GenerationOptions: "generation", ExportOptions: "export", EvaluationOptions: "evaluation",
             TrainingOptions: "training"}

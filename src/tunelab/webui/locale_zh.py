@@ -62,6 +62,17 @@ KEYS: dict[str, tuple[str, str]] = {
         "分词数据路径",
         "将分词后的数据保存到此处，若此处已存在则从中加载（此时不读取 dataset）。",
     ),
+    # MultimodalOptions
+    "media_dir": ("媒体文件目录", "数据集中 images 和 videos 路径所相对的目录（默认：dataset_dir）。"),
+    "image_max_pixels": ("图像最大像素数", "像素数超过此值的图像会被缩小（保持宽高比）。"),
+    "image_min_pixels": ("图像最小像素数", "像素数低于此值的图像会被放大（保持宽高比）。"),
+    "video_max_pixels": ("视频最大像素数", "像素数超过此值的视频帧会被缩小。"),
+    "video_min_pixels": ("视频最小像素数", "像素数低于此值的视频帧会被放大。"),
+    "video_fps": ("视频采样帧率", "每秒视频采样的帧数。"),
+    "video_maxlen": ("视频最大帧数", "单个视频最多采样的帧数。"),
+    "freeze_vision_tower": ("冻结视觉编码器", "视觉语言模型：保持视觉编码器冻结。"),
+    "freeze_multi_modal_projector": ("冻结多模态投影器", "视觉语言模型：保持从视觉特征到语言模型的投影器冻结。"),
+    "freeze_language_model": ("冻结语言模型", "视觉语言模型：保持语言模型冻结。"),
     # MethodOptions
     "stage": ("微调阶段", "训练阶段。"),
     "finetuning_type": ("微调方法", "训练哪些权重。"),

@@ -49,8 +49,10 @@ SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
 def logits_of(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for the rows; every input but the labels goes in (a vision-language model's pixel values,
+    grids and token types too)."""
     # No KV cache: a frozen reference is loaded for inference, where transformers would otherwise build one.
-    return model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
+    return model(**{name: value for name, value in rows.items() if name != "labels"}, use_cache=False).logits
 
 
 def mean_reply_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,7 @@ def prepare_run(config: Config, needs_reference: bool) -> PreparedRun:
     model.config.use_cache = False
     reference = load_reference_model(config, tokenizer) if needs_reference else None
     # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
-    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
+    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media)
     return PreparedRun(args, resume_from, tokenizer, splits, model, reference, collator)
 
 
@@ -181,7 +183,8 @@ def run(config: Config) -> dict[str, Any]:
     trainer = DPOTrainer(model=prepared.model, reference=prepared.reference, config=config, args=prepared.args,
                          train_dataset=prepared.splits.train, eval_dataset=prepared.splits.eval,
                          data_collator=PairwiseCollator(prepared.collator.tokenizer,
-                                                        prepared.collator.pad_to_multiple_of),
+                                                        prepared.collator.pad_to_multiple_of,
+                                                        prepared.collator.media),
                          processing_class=prepared.tokenizer,
                          callbacks=[TrainerLogCallback()])
     return train_and_report(trainer, config, prepared.resume_from, PLOT_KEYS)

@@ -42,7 +42,8 @@ class RewardTrainer(MetricsTrainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        values = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).values
+        # Every input but the labels: a vision-language model's pixel values and grids score the image too.
+        values = model(**{name: value for name, value in inputs.items() if name != "labels"}).values
         scores = last_token_scores(values, inputs["attention_mask"])
         chosen, rejected = scores.float().chunk(2)
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
@@ -88,7 +89,7 @@ def run(config: Config) -> dict[str, Any]:
     if has_value_head(head_folder):
         model.load_value_head(head_folder)
         logger.info("value head: loaded from %s", head_folder)
-    collator = PairwiseCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
+    collator = PairwiseCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media)
     trainer = RewardTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                             data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()])
     return train_and_report(trainer, config, resume_from, plot_keys=PLOT_KEYS)

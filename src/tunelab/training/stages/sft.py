@@ -26,7 +26,7 @@ def run(config: Config) -> dict[str, Any]:
     start = start_run(config)
     args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
     if config.do_predict:
-        check_prediction(args)
+        check_prediction(args, start.media)
 
     model = load_model(config, tokenizer, trainable=config.do_train)
     # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
@@ -37,7 +37,7 @@ def run(config: Config) -> dict[str, Any]:
     # ASFT's anchor is the model before training; without training the policy is that model.
     reference = load_reference_model(config, tokenizer) if config.use_asft_loss and config.do_train else None
     # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
-    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8)
+    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media)
     trainer = SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                          data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()],
                          config=config, reference=reference)
