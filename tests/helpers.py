@@ -196,3 +196,30 @@ def prompt_batch(tokenizer, texts: list[str] = PROMPTS) -> tuple[torch.Tensor, t
     return padded["input_ids"], padded["attention_mask"]
 
 
+def make_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The texts as one padded batch, every real token a label."""
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def train_steps(model, batch: dict, steps: int = 8, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps of the model on one batch; the losses."""
+    # No weight decay: a weight that changes must have been moved by its gradient.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    values = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        values.append(loss.item())
+    return values
+
+
+def eval_logits(model, batch: dict) -> torch.Tensor:
+    """The model's float32 logits for the batch, in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

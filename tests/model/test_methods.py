@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_two_processes_train_as_accumulation, losses, run_config
+from helpers import (assert_two_processes_train_as_accumulation, eval_logits, losses, make_batch, run_config,
+                     train_steps)
 from peft import OFTConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -40,29 +41,10 @@ def load(model_dir: Path, trainable: bool = True, **overrides):
     return load_model(config, tokenizer, trainable=trainable), tokenizer
 
 
-def make_batch(tokenizer) -> dict[str, torch.Tensor]:
-    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
 
 
-def train_steps(model, batch, steps: int = 8, lr: float = 1e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    values = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        values.append(loss.item())
-    return values
 
 
-def logits(model, batch) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
 def assert_learned(values: list[float]) -> None:
@@ -88,15 +70,15 @@ def test_oft_trains_only_its_blocks_and_its_folder_chats_and_exports(tiny_model_
     # The trained model as peft itself applies the folder, against tunelab's merged inference load and the export.
     config = {"model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(out), "template": "chatml"}
     tokenizer = load_tokenizer(load_config(config))
-    batch = make_batch(tokenizer)
-    reference = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out), batch)
-    assert not torch.allclose(reference, logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch),
+    batch = make_batch(tokenizer, TEXTS)
+    reference = eval_logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out), batch)
+    assert not torch.allclose(reference, eval_logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch),
                               atol=1e-2)
     merged, _ = load(tiny_model_dir, trainable=False, adapter_name_or_path=str(out), template="chatml")
     assert not isinstance(merged, PeftModel)
-    torch.testing.assert_close(logits(merged, batch), reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eval_logits(merged, batch), reference, atol=1e-4, rtol=1e-4)
     exported = export_model(load_config({**config, "export_dir": str(tmp_path / "export")}))
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(exported), batch), reference, atol=1e-4,
+    torch.testing.assert_close(eval_logits(AutoModelForCausalLM.from_pretrained(exported), batch), reference, atol=1e-4,
                                rtol=1e-4)
 
 
@@ -125,18 +107,18 @@ def test_oft_adapters_are_continued_or_merged_as_lora_ones_are(tiny_model_dir, t
     first = make_oft_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     second = make_oft_adapter(tiny_model_dir, tmp_path / "b", seed=2)
     merged, tokenizer = load(tiny_model_dir, trainable=False, adapter_name_or_path=f"{first},{second}")
-    batch = make_batch(tokenizer)
-    expected = logits(merged, batch)
+    batch = make_batch(tokenizer, TEXTS)
+    expected = eval_logits(merged, batch)
 
     # Continued: the first is merged, the second trains further from its own weights (same function at the start).
     continued, _ = load(tiny_model_dir, finetuning_type="oft", adapter_name_or_path=f"{first},{second}")
-    torch.testing.assert_close(logits(continued, batch), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eval_logits(continued, batch), expected, atol=1e-4, rtol=1e-4)
     assert continued.peft_config["default"].target_modules == {"q_proj", "down_proj"}
     assert {n.split(".")[-4] for n, p in continued.named_parameters() if p.requires_grad} == {"q_proj", "down_proj"}
     # create_new_adapter: both merged, a fresh OFT adapter (an identity at the start) on every linear layer.
     fresh, _ = load(tiny_model_dir, finetuning_type="oft", adapter_name_or_path=f"{first},{second}",
                     create_new_adapter=True)
-    torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eval_logits(fresh, batch), expected, atol=1e-4, rtol=1e-4)
     assert {n.split(".")[-4] for n, p in fresh.named_parameters() if p.requires_grad} == LINEARS
     assert_learned(train_steps(fresh, batch, lr=5e-3))
 
@@ -153,8 +135,8 @@ def test_a_fresh_oft_adapter_switched_off_is_the_reference_model(tiny_model_dir,
     continued = load_config({**dpo, "adapter_name_or_path": str(adapter)})
     reference = load_reference_model(continued, tokenizer)
     policy, _ = load(tiny_model_dir, trainable=False, adapter_name_or_path=str(adapter))
-    batch = make_batch(tokenizer)
-    torch.testing.assert_close(logits(reference, batch), logits(policy, batch))
+    batch = make_batch(tokenizer, TEXTS)
+    torch.testing.assert_close(eval_logits(reference, batch), eval_logits(policy, batch))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -163,9 +145,9 @@ def test_oft_trains_on_a_quantized_base(tiny_qwen2_dir, bits):
     model, tokenizer = load(tiny_qwen2_dir, finetuning_type="oft", quantization_bit=bits, oft_block_size=16)
     assert {type(m.get_base_layer()).__name__ for m in model.modules() if hasattr(m, "oft_R")} == {
         "Linear4bit" if bits == 4 else "Linear8bitLt"}
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, TEXTS)
     values = train_steps(model, batch, steps=4)
-    logits(model, batch)  # an evaluation in between must not stop the learning (see test_model.py's qlora test)
+    eval_logits(model, batch)  # an evaluation in between must not stop the learning (see test_model.py's qlora test)
     values += train_steps(model, batch, steps=4)
     assert_learned(values)
 
@@ -194,8 +176,8 @@ def test_expansion_inserts_identity_copies_and_keeps_the_logits(tiny_model_dir, 
     expanded = AutoModelForCausalLM.from_pretrained(expanded_dir)
     assert expanded.config.num_hidden_layers == 4
     tokenizer = load_tokenizer(load_config({"model_name_or_path": str(expanded_dir)}))
-    batch = make_batch(tokenizer)
-    assert torch.equal(logits(expanded, batch), logits(original, batch))
+    batch = make_batch(tokenizer, TEXTS)
+    assert torch.equal(eval_logits(expanded, batch), eval_logits(original, batch))
     source, copies = original.state_dict(), expanded.state_dict()
     for new, old in ((0, 0), (1, 0), (2, 1), (3, 1)):
         for key, value in source.items():
@@ -240,7 +222,7 @@ def test_llama_pro_lora_puts_the_adapter_on_the_inserted_blocks_only(expanded_di
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert {(name.split(".layers.")[1].split(".")[0], name.split(".")[-4]) for name in trained} == {
         (layer, module) for layer in ("1", "3") for module in LINEARS}
-    assert_learned(train_steps(model, make_batch(tokenizer)))
+    assert_learned(train_steps(model, make_batch(tokenizer, TEXTS)))
 
 
 @pytest.mark.distributed
@@ -280,18 +262,18 @@ def test_upcast_layernorm_keeps_norms_in_float32_and_the_model_runs_in_bf16(tiny
     for name, p in upcast.named_parameters():
         assert p.dtype == (torch.float32 if name in norms else torch.bfloat16), name
     assert {p.dtype for name, p in plain.named_parameters() if name in norms} == {torch.bfloat16}
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, TEXTS)
     # Without autocast, each norm hands the next layer the bf16 it expects; the result differs only by rounding.
-    torch.testing.assert_close(logits(upcast, batch), logits(plain, batch), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(eval_logits(upcast, batch), eval_logits(plain, batch), atol=0.1, rtol=0.05)
     assert_learned(train_steps(upcast, batch))
 
 
 def test_upcast_lmhead_output_returns_float32_logits(tiny_model_dir):
     plain, tokenizer = load(tiny_model_dir, pure_bf16=True)
     upcast, _ = load(tiny_model_dir, pure_bf16=True, upcast_lmhead_output=True)
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, TEXTS)
     with torch.no_grad():
         assert plain(**batch).logits.dtype == torch.bfloat16
         assert upcast(**batch).logits.dtype == torch.float32
-    torch.testing.assert_close(logits(upcast, batch), logits(plain, batch), atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(upcast, batch), eval_logits(plain, batch), atol=0, rtol=0)
     assert_learned(train_steps(upcast, batch))

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
+from helpers import eval_logits, make_batch, train_steps
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.config import ConfigError, load_config
@@ -45,30 +46,10 @@ def load(model_dir: Path, trainable: bool = True, **overrides):
     return load_model(config, tokenizer, trainable=trainable), tokenizer
 
 
-def make_batch(tokenizer) -> dict[str, torch.Tensor]:
-    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
 
 
-def train_steps(model, batch, steps: int = 8, lr: float = 1e-2) -> list[float]:
-    # No weight decay: a weight that changes must have been moved by its gradient.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
-def logits(model, batch) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def trainable_names(model) -> set[str]:
@@ -275,7 +256,7 @@ def test_rslora_and_dora_are_applied(tiny_model_dir):
 def test_training_changes_every_trainable_weight_and_nothing_else(tiny_model_dir, overrides):
     model, tokenizer = load(tiny_model_dir, **overrides)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    losses = train_steps(model, make_batch(tokenizer), steps=10)
+    losses = train_steps(model, make_batch(tokenizer, TEXTS), steps=10)
     # Two-sided: a sane start (about ln(800) for a random model), a clear fall, no blow-up. LoRA on a random tiny
     # model falls slowest (about 0.8 nats in 10 steps), hence the common bar of 0.5.
     assert 5.0 < losses[0] < 8.0, losses
@@ -291,7 +272,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
         assert model.is_activation_checkpointing != disable
         assert model.config.use_cache is False
         model.train()
-        model(**make_batch(tokenizer)).loss.backward()
+        model(**make_batch(tokenizer, TEXTS)).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
@@ -306,13 +287,13 @@ def test_checkpointing_is_off_by_default_on_cpu(tiny_model_dir):
 
 def test_saved_adapter_reloads_merged_with_the_same_logits(tiny_model_dir, tmp_path):
     model, tokenizer = load(tiny_model_dir)
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, TEXTS)
     train_steps(model, batch, steps=3)
     model.save_pretrained(tmp_path / "adapter")
     reloaded, _ = load(tiny_model_dir, trainable=False, adapter_name_or_path=str(tmp_path / "adapter"))
     assert not hasattr(reloaded, "peft_config")  # merged into a plain model
     assert not reloaded.training and not any(p.requires_grad for p in reloaded.parameters())
-    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(reloaded, batch), eval_logits(model, batch), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -351,8 +332,8 @@ def test_create_new_adapter_merges_all_and_starts_fresh(tiny_model_dir, two_adap
                 + lora_delta(a, "layers.1.self_attn.q_proj") + lora_delta(b, "layers.1.self_attn.q_proj"))
     torch.testing.assert_close(q_proj.base_layer.weight, expected)
     assert q_proj.lora_A["default"].weight.shape[0] == 2 and not q_proj.lora_B["default"].weight.any()
-    batch = make_batch(tokenizer)
-    torch.testing.assert_close(logits(model, batch), logits(merged, batch), atol=1e-5, rtol=0)
+    batch = make_batch(tokenizer, TEXTS)
+    torch.testing.assert_close(eval_logits(model, batch), eval_logits(merged, batch), atol=1e-5, rtol=0)
 
 
 def test_a_missing_adapter_is_a_config_error(tiny_model_dir, tmp_path):
@@ -392,7 +373,7 @@ def test_resize_vocab_matches_the_tokenizer(tiny_model_dir):
 def test_bf16_loads_and_runs_on_cpu(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir, trainable=False, infer_dtype="bfloat16")
     assert model.dtype == torch.bfloat16
-    assert torch.isfinite(logits(model, make_batch(tokenizer))).all()
+    assert torch.isfinite(eval_logits(model, make_batch(tokenizer, TEXTS))).all()
 
 
 @pytest.mark.parametrize("method", ["lora", "freeze", "full"])
@@ -403,7 +384,7 @@ def test_mixed_precision_keeps_trainable_weights_in_float32(tiny_model_dir, meth
     assert dtypes == {torch.float32}
     assert frozen == (set() if method == "full" else {torch.bfloat16})
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(**make_batch(tokenizer)).loss.backward()
+        model(**make_batch(tokenizer, TEXTS)).loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     # LoRA A gets no gradient yet: it is multiplied by B, which starts at zero.
@@ -414,9 +395,9 @@ def test_eager_and_sdpa_attention_agree(tiny_model_dir):
     eager, tokenizer = load(tiny_model_dir, trainable=False, flash_attn="disabled")
     sdpa, _ = load(tiny_model_dir, trainable=False, flash_attn="sdpa")
     assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, TEXTS)
     mask = batch["attention_mask"].bool()  # padded positions may differ; real tokens must not
-    torch.testing.assert_close(logits(eager, batch)[mask], logits(sdpa, batch)[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eval_logits(eager, batch)[mask], eval_logits(sdpa, batch)[mask], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
@@ -435,7 +416,8 @@ def test_rope_scaling_stretches_to_cutoff_len(tiny_model_dir, kind):
     long_batch = {"input_ids": torch.randint(10, 800, (1, 1100), generator=torch.Generator().manual_seed(0))}
     assert torch.isfinite(model(**long_batch).logits).all()
     if kind != "dynamic":  # dynamic only differs beyond the trained length, where `plain` is out of its range
-        assert not torch.allclose(logits(model, make_batch(tokenizer)), logits(plain, make_batch(tokenizer)))
+        batch = make_batch(tokenizer, TEXTS)
+        assert not torch.allclose(eval_logits(model, batch), eval_logits(plain, batch))
 
 
 def test_rope_scaling_is_skipped_when_cutoff_len_fits(tiny_model_dir, caplog):
@@ -457,14 +439,14 @@ def test_qlora_learns_through_evaluations(tiny_qwen2_dir, bits):
     model, tokenizer = load(tiny_qwen2_dir, finetuning_type="qlora", quantization_bit=bits)
     float_model, _ = load(tiny_qwen2_dir)
     assert count_parameters(model) == count_parameters(float_model)  # 4-bit packing counted as whole weights
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, TEXTS)
     losses = []
     for _ in range(4):
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         losses += train_steps(model, batch, steps=2)
         # Every adapter weight keeps learning after the evaluation below, not only before the first one.
         assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-        logits(model, batch)
+        eval_logits(model, batch)
     assert losses[-1] < losses[0] - 0.5 and max(losses) <= losses[0], losses
 
 

@@ -21,7 +21,8 @@ from tunelab.config import ConfigError, load_config
 from tunelab.model import count_parameters, load_model, load_tokenizer
 from tunelab.model.loader import model_class
 from tunelab.model.value_head import ValueHeadModel
-from vl_inputs import image_batch, train
+from helpers import train_steps
+from vl_inputs import image_batch
 
 FAMILIES = ["tiny_qwen2_vl_dir", "tiny_qwen2_5_vl_dir"]
 # LLaMA-Factory's registration of qwen2_vl and qwen2_5_vl (model_utils/visual.py), copied as data.
@@ -153,7 +154,7 @@ def test_each_method_learns_and_leaves_the_vision_parts_bit_identical(vl_dir, me
     else:
         assert all("language_model.layers." in name for name in trainable(model))
     before = fingerprints(model)
-    values = train(model, image_batch(vl_dir), steps=5, lr=1e-3 if method == "full" else 1e-2)
+    values = train_steps(model, image_batch(vl_dir), steps=5, lr=1e-3 if method == "full" else 1e-2)
     after = fingerprints(model)
 
     assert 9.0 < values[0] < 16.0, values  # about ln(151657) = 11.9 for a random model
@@ -189,7 +190,7 @@ def test_freeze_language_model_leaves_only_what_llamafactory_leaves(vl_dir, meth
     assert trainable(model) == expected
     assert all(("visual.merger" in name) == (trains == "projector") for name in expected)
     before = fingerprints(model)
-    train(model, image_batch(vl_dir), steps=1, lr=1e-3)
+    train_steps(model, image_batch(vl_dir), steps=1, lr=1e-3)
     changed = {name for name, value in fingerprints(model).items() if before[name] != value}
     assert changed == expected
 
@@ -205,7 +206,7 @@ def test_freeze_vision_tower_false_makes_the_tower_train(tiny_qwen2_vl_dir, meth
     model = load(tiny_qwen2_vl_dir, finetuning_type=method, freeze_trainable_layers=1, freeze_vision_tower=False)
     before = fingerprints(model)
     # Two steps: LoRA B starts at zero, so A gets its first gradient in the second.
-    train(model, image_batch(tiny_qwen2_vl_dir), steps=2, lr=1e-3)
+    train_steps(model, image_batch(tiny_qwen2_vl_dir), steps=2, lr=1e-3)
     changed = {name for name, value in fingerprints(model).items() if before[name] != value}
     tower = {name for name in before if ".visual.blocks." in name or ".visual.patch_embed." in name}
     # tunelab's choice for freeze (vision.py): the whole tower, where LLaMA-Factory's substring match trains the

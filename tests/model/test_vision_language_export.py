@@ -18,7 +18,8 @@ from tunelab.config import load_config
 from tunelab.model import load_model, load_tokenizer
 from tunelab.model.export import MARKER, export_model
 from tunelab.model.processor_files import copy_processor_files
-from vl_inputs import image_batch, train
+from helpers import train_steps
+from vl_inputs import image_batch
 
 FAMILIES = ["tiny_qwen2_vl_dir", "tiny_qwen2_5_vl_dir"]
 
@@ -33,7 +34,7 @@ def trained_run(request, tmp_path_factory):
     torch.manual_seed(0)
     model = load_model(config, tokenizer)
     batch = image_batch(base)
-    losses = train(model, batch, steps=3)
+    losses = train_steps(model, batch, steps=3)
     assert losses[-1] < losses[0] - 0.5, losses
     run = tmp_path_factory.mktemp("run")
     model.save_pretrained(run)

@@ -27,16 +27,3 @@ def image_batch(folder, image: str = "1.jpg") -> dict[str, torch.Tensor]:
             "pixel_values": features["pixel_values"], "image_grid_thw": features["image_grid_thw"],
             # 1 marks image tokens: without it Qwen2.5-VL would silently use 1D positions (STACK.md).
             "mm_token_type_ids": (input_ids == image_token).long()}
-
-
-def train(model, batch, steps: int, lr: float = 1e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    values = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        values.append(loss.item())
-    return values
