@@ -61,6 +61,11 @@ per_device_eval_batch_size: 1
 eval_strategy: steps
 eval_steps: 500
 """
+
+#: The pictures of LLaMA-Factory's demo data that the `picture_adapter` fixture learns to tell apart, and its answers.
+PICTURE_ANSWERS = {"1.jpg": "Two cats sleeping on a sofa.", "2.jpg": "A man riding a horse."}
+PICTURE_QUESTION = "What is in the picture?"
+
 PROMPTS = ["Who are you?", "What is the capital of France? Answer in one word.", "Hi"]
 
 

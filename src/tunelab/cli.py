@@ -10,6 +10,7 @@ what it needs when it runs. A config error exits with status 2 and one message, 
 
 import importlib
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -161,8 +162,10 @@ def cmd_chat(args: list[str]) -> int:
     from tunelab.infer.engine import RequestError
 
     engine = build_engine(config)
-    print("Chat with the model: `clear` forgets the history, `exit` leaves.")
+    media_help = "`/image PATH` or `/video PATH` attaches a file to your next message, " if engine.media else ""
+    print(f"Chat with the model: {media_help}`clear` forgets the history, `exit` leaves.")
     history: list[dict] = []
+    attached: list[dict] = []   # image and video parts for the next message
     while True:
         try:
             query = input("\nUser: ").strip()
@@ -172,28 +175,40 @@ def cmd_chat(args: list[str]) -> int:
         if query == "exit":
             return 0
         if query == "clear":
-            history = []
+            history, attached = [], []
             print("History cleared.")
+            continue
+        kind, _, path = query.partition(" ")
+        if kind in ("/image", "/video") and path:
+            file = Path(path.strip()).expanduser()
+            if not file.is_file():
+                print(f"[not attached: {file} is not a file]")
+                continue
+            attached.append({"type": kind[1:], kind[1:]: str(file)})
+            print(f"[{kind[1:]} {file} goes with your next message]")
             continue
         if not query:
             continue
+        message = {"role": "user", "content": [*attached, {"type": "text", "text": query}] if attached else query}
         print("Assistant: ", end="", flush=True)
         try:
-            for delta in engine.stream([*history, {"role": "user", "content": query}]):
+            for delta in engine.stream([*history, message]):
                 print(delta.text, end="", flush=True)
                 reply = delta.reply
         except RequestError as err:
             print(f"\n[not answered: {err}]")
             continue
         print()
-        history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply.text}]
+        history += [message, {"role": "assistant", "content": reply.text}]
+        attached = []
 
 
 #: command -> (module, function taking the Config, what the command does): commands that load the config's model and
 #: hand it to one function.
 MODEL_COMMANDS = {
     "api": ("tunelab.api", "run_api", "Serve the model through an OpenAI-compatible API. Environment: API_HOST "
-                                      "(127.0.0.1), API_PORT (8000), API_KEY, API_MODEL_NAME, API_MAX_WAITING."),
+                                      "(127.0.0.1), API_PORT (8000), API_KEY, API_MODEL_NAME, API_MAX_WAITING, "
+                                      "API_MEDIA_DIR."),
     "webchat": ("tunelab.webui.chat", "run_webchat", "A chat page for the model in the browser (gradio). "
                                                      "Environment: GRADIO_SERVER_NAME (127.0.0.1), GRADIO_SERVER_PORT "
                                                      "(7860)."),

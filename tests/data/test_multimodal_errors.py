@@ -115,6 +115,8 @@ REFUSED = {
               rf"dataset 'd': .*{SAMPLE_1} has audio \(.*1.mp3\): tunelab cannot train on audio yet"),
     "images for stage kto": ([{**GOOD, "kto_tag": True}], {}, {"stage": "kto"},
                              r"sample 0 \(line 2\) has images \(.*ok.jpg\), which stage kto cannot take yet"),
+    "images for stage ppo": ([GOOD], {}, {"stage": "ppo", "reward_model": "unused"},
+                             r"sample 0 \(line 2\) has images \(.*ok.jpg\), which stage ppo cannot take yet"),
     "packing": ([GOOD], {}, {"packing": True}, r"`packing` and `neat_packing` cannot pack the samples of a "
                                                r"vision-language model"),
     "streaming": ([GOOD], {}, {"streaming": True, "max_steps": 10},

@@ -401,3 +401,30 @@ def test_runs_tab_overlays_two_runs(page):
     wait_lines(page, "tl-runs-plot", 2)
     wait_text(page, "tl-runs-config", "model_name_or_path")
     shot(page, "runs")
+
+
+def test_chat_about_an_uploaded_picture(page, picture_adapter):
+    """A vision-language adapter loaded in the Chat tab answers about the picture uploaded with the message."""
+    from helpers import PICTURE_ANSWERS, PICTURE_QUESTION
+
+    open_tab(page, "Train")
+    choose(page, "model_name_or_path", picture_adapter["model_name_or_path"])
+    choose(page, "template", "qwen2_vl")
+    choose(page, "adapter_name_or_path", picture_adapter["adapter_name_or_path"])
+    fill_text(page, "more-keys", f"image_max_pixels: {picture_adapter['image_max_pixels']}\nreport_to: none")
+    open_tab(page, "Chat")
+    fill_text(page, "max_new_tokens", "12")
+    page.locator("#tl-do_sample input").uncheck()   # greedy: the adapter's answers are its greedy replies
+    fill_text(page, "repetition_penalty", "1")
+    page.click("#tl-clear")
+    page.click("#tl-load-model")
+    wait_text(page, "tl-chat-info", "loaded", "⚠")
+    assert "template: qwen2_vl" in text_of(page, "tl-chat-info")
+    page.locator("#tl-chat-image input[type=file]").set_input_files(str(LF_DATA / "mllm_demo_data" / "1.jpg"))
+    page.locator("#tl-chat-image img").first.wait_for(timeout=30_000)
+    page.locator("#tl-message-box textarea").fill(PICTURE_QUESTION)
+    page.click("#tl-send")
+    wait_text(page, "tl-chatbot", PICTURE_ANSWERS["1.jpg"], "rror", timeout_ms=60_000)
+    assert PICTURE_ANSWERS["1.jpg"] in text_of(page, "tl-chatbot")
+    assert page.locator("#tl-chatbot img").count() >= 1   # the picture shows in the conversation
+    shot(page, "chat-picture")

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -43,6 +44,7 @@ class ApiSettings:
     model_name: str                 # the `model` clients must name
     api_key: str | None = None      # when set, clients must send `Authorization: Bearer <api_key>`
     max_waiting: int = 16           # requests that may wait for the engine; one more gets 429
+    media_dir: Path | None = None   # the folder whose files file:// image and video URLs may name
 
 
 class EngineQueue:
@@ -91,7 +93,8 @@ class ChatService:
 
     async def chat(self, request: Request, body: ChatCompletionRequest) -> Response:
         self.check_model(body.model)
-        messages, tools, settings = engine_messages(body.messages), engine_tools(body), generation_settings(body)
+        messages = engine_messages(body.messages, self.engine.media is not None, self.settings.media_dir)
+        tools, settings = engine_tools(body), generation_settings(body)
         self._check_length(body, settings)
         self._warn_unenforced(body)
         if body.stream:

@@ -9,8 +9,9 @@ is refused by name rather than ignored. `null` counts as not given, which is how
     messages                  an optional system (or developer) message first, then user, assistant and tool
                               messages; an assistant message with `tool_calls` is followed by one tool message per
                               call, matched by `tool_call_id` (several in a row: parallel results)
-    content                   a string or a list of parts; text parts are joined with newlines; `image_url` parts
-                              are refused (no tunelab model takes images yet)
+    content                   a string or a list of parts; text parts are joined with newlines; in user messages
+                              to a vision-language model, `image_url` parts (data URLs; file:// under the
+                              server's API_MEDIA_DIR) and `video_url` parts (file:// only), see media.py
     max_completion_tokens     the reply's token limit (`max_tokens`, its older name, when it is absent); default:
                               the config's max_new_tokens
     temperature               0 to 2; 0 decodes greedily; absent: the config's do_sample and temperature
@@ -30,8 +31,11 @@ import time
 import uuid
 from typing import Any, Literal
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunelab.api.media import MediaURLError, media_from_url
 from tunelab.infer.engine import Reply
 
 
@@ -90,10 +94,11 @@ class Message(_Strict):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 continue
-            if kind == "image_url" and isinstance(part.get("image_url"), dict):
+            if kind in ("image_url", "video_url") and isinstance(part.get(kind), dict) \
+                    and isinstance(part[kind].get("url"), str):
                 continue
             raise ValueError(f"part {j} must be {{\"type\": \"text\", \"text\": string}} or "
-                             f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}")
+                             f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": string}}}} (or video_url)")
         return value
 
 
@@ -166,9 +171,11 @@ class ScoreRequest(_Strict):
 
 # --- request -> engine call ---
 
-def engine_messages(messages: list[Message]) -> list[dict]:
+def engine_messages(messages: list[Message], takes_media: bool = False, media_dir: Path | None = None) -> list[dict]:
     """The engine's message dicts; refuses what the engine cannot take and OpenAI would not either (a tool result
-    that answers no call, a call left without its result, image parts)."""
+    that answers no call, a call left without its result, media outside user messages or from where the server
+    reads nothing: media.py), or media for a text-only model (not `takes_media`). `media_dir`: the folder file:// URLs
+    may name (API_MEDIA_DIR)."""
     out, pending = [], []   # pending: ids of the last assistant message's calls not answered yet
     for i, message in enumerate(messages):
         if message.role == "tool":
@@ -192,21 +199,35 @@ def engine_messages(messages: list[Message]) -> list[dict]:
             raise APIError(400, f"messages.{i}: this {message.role} message needs `content`",
                            param=f"messages.{i}.content")
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": _text(message.content, i)})
+        out.append({"role": role, "content": _content(message.content, i, role, takes_media, media_dir)})
     if pending:
         raise APIError(400, f"the tool calls {pending} of the last message have no tool message with their result",
                        param="messages")
     return out
 
 
-def _text(content: str | list[dict], i: int) -> str:
+def _content(content: str | list[dict], i: int, role: str, takes_media: bool,
+             media_dir: Path | None) -> str | list[dict]:
+    """A string, or the engine's parts: text, and for a user message images and videos read by media.py."""
     if isinstance(content, str):
         return content
+    parts: list[dict] = []
     for j, part in enumerate(content):
-        if part["type"] == "image_url":
-            raise APIError(400, f"messages.{i}.content.{j}: this model takes no images (tunelab serves no "
-                                f"multimodal model yet)", param=f"messages.{i}.content.{j}")
-    return "\n".join(part["text"] for part in content)
+        if part["type"] == "text":
+            parts.append(part)
+            continue
+        kind = part["type"].removesuffix("_url")
+        if not takes_media or role != "user":
+            why = "this model takes no images or videos (it is not a vision-language model)" if not takes_media \
+                else f"only user messages may hold {kind}s"
+            raise APIError(400, f"messages.{i}.content.{j}: {why}", param=f"messages.{i}.content.{j}")
+        try:
+            parts.append({"type": kind, kind: media_from_url(part[part["type"]]["url"], kind, media_dir)})
+        except MediaURLError as err:
+            raise APIError(400, f"messages.{i}.content.{j}: {err}", param=f"messages.{i}.content.{j}") from None
+    if role != "user":
+        return "\n".join(part["text"] for part in parts)
+    return parts
 
 
 def engine_tools(request: ChatCompletionRequest) -> list[dict] | None:

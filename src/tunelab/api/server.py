@@ -6,11 +6,14 @@ variables.
     API_KEY           when set, clients must send `Authorization: Bearer <API_KEY>`
     API_MODEL_NAME    the `model` clients name (default: the config's model_name_or_path)
     API_MAX_WAITING   requests that may wait for the model while it is busy; one more gets 429 (default 16)
+    API_MEDIA_DIR     a folder whose images and videos clients may name by file:// URL (default: none may be named;
+                      images still come as data URLs)
 """
 
 import importlib.util
 import logging
 import os
+from pathlib import Path
 
 from tunelab.config import Config, ConfigError
 
@@ -42,8 +45,12 @@ def run_api(config: Config) -> None:
     from tunelab.api.app import ApiSettings, create_app
     from tunelab.infer.backends import build_engine
 
+    media_dir = os.environ.get("API_MEDIA_DIR") or None
+    if media_dir is not None and not Path(media_dir).is_dir():
+        raise ConfigError(f"environment variable API_MEDIA_DIR={media_dir!r}: expected an existing folder")
     settings = ApiSettings(model_name=os.environ.get("API_MODEL_NAME") or config.model_name_or_path,
-                           api_key=os.environ.get("API_KEY") or None, max_waiting=max_waiting)
+                           api_key=os.environ.get("API_KEY") or None, max_waiting=max_waiting,
+                           media_dir=Path(media_dir) if media_dir else None)
     app = create_app(build_engine(config), settings)
     logger.info("serving %r on http://%s:%d/v1 (docs: http://%s:%d/docs)%s", settings.model_name, host, port, host,
                 port, "; API key required" if settings.api_key else "")

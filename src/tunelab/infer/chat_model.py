@@ -7,6 +7,9 @@
         print(piece, end="", flush=True)
     replies = await model.achat(messages)                     # and astream_chat, aget_scores
 
+For a vision-language model, `images=[...]` (paths or PIL images) and `videos=[...]` go with any call, as in
+LLaMA-Factory's ChatModel, or as content parts ({"type": "image", "image": ...}) of a user message.
+
 Messages take LLaMA-Factory's roles (user, assistant, observation, function) or OpenAI's (system, user, assistant
 with tool_calls, tool); `system` and `tools` (OpenAI function specs) are optional; keyword settings override the
 config's generation keys for one call. A reply is a `Reply`: text, finish_reason, token counts, tool_calls.

@@ -5,10 +5,12 @@
     for delta in engine.stream(messages, tools=tools):
         print(delta.text, end="")      # the last delta carries the finished Reply (tool calls, token counts)
     engine.score(["a conversation as text"])   # reward models (`stage: rm`)
+    engine.chat([{"role": "user", "content": "What is this?"}], images=["cat.jpg"])   # vision-language models
 
 A backend implements `_generate` and `_stream` on token ids and `score`; everything a front end relies on is here,
 written once: messages in LLaMA-Factory's and OpenAI's shapes, the prompt rendered by the same template as training,
-request settings checked by name, stop strings, and tool calls read out of the reply with the template's tool format
+images and videos placed and expanded as in training (infer/media.py), request settings checked by name, stop
+strings, and tool calls read out of the reply with the template's tool format
 (while streaming, text that may open a tool call is held back until it is known not to be one).
 """
 
@@ -25,10 +27,20 @@ from tunelab.config.schema import GenerationOptions
 from tunelab.data.formats import canonical_tool_calls
 from tunelab.data.template import ToolFormat
 from tunelab.data.validation import Invalid
+from tunelab.infer.media import MediaRequestError, media_tokens, place_media, read_content
 
 
 class RequestError(ValueError):
     """A request the engine cannot serve as asked (bad messages, unknown setting, too long); a front end's 4xx."""
+
+
+@dataclass
+class Prompt:
+    """What a backend generates from: the prompt's token ids and, for a vision-language model, the other inputs of
+    its forward pass (pixel values, grids, mm_token_type_ids) for one copy of the prompt."""
+
+    ids: list[int]
+    media_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,15 +70,19 @@ ROLES = {"user": "user", "assistant": "assistant", "tool": "tool", "observation"
          "function": "tool_call"}
 
 
-def normalize_messages(messages: list[dict], system: str | None) -> tuple[str | None, list[dict]]:
-    """(system prompt, messages in the data layer's roles); a leading system message becomes the system prompt.
+def normalize_messages(messages: list[dict], system: str | None) -> tuple[str | None, list[dict], list, list]:
+    """(system prompt, messages in the data layer's roles, images, videos); a leading system message becomes the
+    system prompt, and content given as a list of parts becomes text with an <image> / <video> placeholder where each
+    file goes (infer/media.py).
 
     An assistant message with OpenAI `tool_calls` becomes a tool_call turn, its calls written as training data writes
     them (`data.formats.canonical_tool_calls`).
     """
     if not isinstance(messages, list) or not messages:
         raise RequestError("`messages` must be a non-empty list")
-    out = []
+    out: list[dict] = []
+    images: list = []
+    videos: list = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a `role`")
@@ -85,8 +101,16 @@ def normalize_messages(messages: list[dict], system: str | None) -> tuple[str | 
                 content = canonical_tool_calls(content)
             except Invalid as err:
                 raise RequestError(f"messages[{i}]: {err}") from None
+        elif isinstance(content, list) and role == "user":
+            try:
+                content, message_images, message_videos = read_content(content, f"messages[{i}]")
+            except MediaRequestError as err:
+                raise RequestError(str(err)) from None
+            images += message_images
+            videos += message_videos
         elif not isinstance(content, str):
-            raise RequestError(f"messages[{i}] ({role}): `content` must be a string")
+            raise RequestError(f"messages[{i}] ({role}): `content` must be a string"
+                               + (" or, in a user message, a list of parts" if role == "user" else ""))
         out.append({"role": ROLES[role], "content": content})
     if not out:
         raise RequestError("`messages` holds no user message")
@@ -94,7 +118,7 @@ def normalize_messages(messages: list[dict], system: str | None) -> tuple[str | 
         raise RequestError(f"the last message must be from the user or a tool result, not {out[-1]['role']}")
     if system is not None and not isinstance(system, str):
         raise RequestError("the system message's `content` must be a string")
-    return system, out
+    return system, out, images, videos
 
 
 def _checked_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -171,29 +195,34 @@ class Engine(ABC):
         self.config, self.tokenizer, self.template = config, tokenizer, template
         self.is_reward_model = config.stage == "rm"
         self.max_context: int | None = None   # the backend sets the model's longest prompt + reply
+        from tunelab.data.media import load_media_processor
+
+        self.media = load_media_processor(config, tokenizer)   # None for a text-only model
         # One generation at a time per engine: concurrent callers queue here (the API bounds the queue).
         self.lock = threading.Lock()
 
     # --- what front ends call ---
 
     def chat(self, messages: list[dict], system: str | None = None, tools: list[dict] | None = None, n: int = 1,
-             **settings: Any) -> list[Reply]:
+             images: list | None = None, videos: list | None = None, **settings: Any) -> list[Reply]:
         """`n` replies to the conversation. `settings`: generation keys (temperature, max_new_tokens, ...) and
-        `stop`, `presence_penalty`, `frequency_penalty` for this request only."""
-        prompt, tool_format, settings = self._prepare(messages, system, tools, settings)
+        `stop`, `presence_penalty`, `frequency_penalty` for this request only. `images` (paths or PIL images) and
+        `videos` (paths), for a vision-language model, go where the messages' placeholders are (infer/media.py);
+        image and video parts inside the messages do the same."""
+        prompt, tool_format, settings = self._prepare(messages, system, tools, images, videos, settings)
         replies = []
         with self.lock:
             generated = self._generate(prompt, n, settings)
         for text, tokens, hit_limit in generated:
             assembled = ReplyText(self._stop_words(settings), tool_format)
             assembled.feed(text)
-            replies.append(self._reply(assembled, len(prompt), tokens, hit_limit))
+            replies.append(self._reply(assembled, len(prompt.ids), tokens, hit_limit))
         return replies
 
     def stream(self, messages: list[dict], system: str | None = None, tools: list[dict] | None = None,
-               **settings: Any) -> Iterator[Delta]:
+               images: list | None = None, videos: list | None = None, **settings: Any) -> Iterator[Delta]:
         """One reply as it is generated; the last Delta carries the finished Reply."""
-        prompt, tool_format, settings = self._prepare(messages, system, tools, settings)
+        prompt, tool_format, settings = self._prepare(messages, system, tools, images, videos, settings)
         if settings.get("num_beams", self.config.num_beams) > 1:
             raise RequestError("beam search (num_beams > 1) cannot stream: its best reply is known only at the end")
         assembled = ReplyText(self._stop_words(settings), tool_format)
@@ -207,7 +236,7 @@ class Engine(ABC):
                             yield Delta(visible)
                     else:
                         tokens, hit_limit = piece
-                        yield Delta("", self._reply(assembled, len(prompt), tokens, hit_limit))
+                        yield Delta("", self._reply(assembled, len(prompt.ids), tokens, hit_limit))
             finally:
                 pieces.close()
 
@@ -242,41 +271,67 @@ class Engine(ABC):
     # --- what a backend implements ---
 
     @abstractmethod
-    def _generate(self, prompt: list[int], n: int, settings: dict[str, Any]) -> list[tuple[str, int, bool]]:
-        """n completions of the prompt ids: (text, generated token count, stopped by max_new_tokens)."""
+    def _generate(self, prompt: Prompt, n: int, settings: dict[str, Any]) -> list[tuple[str, int, bool]]:
+        """n completions of the prompt: (text, generated token count, stopped by max_new_tokens)."""
 
     @abstractmethod
-    def _stream(self, prompt: list[int], settings: dict[str, Any]) -> Iterator[str | tuple[int, bool]]:
+    def _stream(self, prompt: Prompt, settings: dict[str, Any]) -> Iterator[str | tuple[int, bool]]:
         """Text pieces as generated, then (generated token count, stopped by max_new_tokens). Closing the iterator
         early stops the generation."""
 
     # --- shared steps ---
 
-    def _prepare(self, messages: list[dict], system: str | None, tools: list[dict] | None,
-                 settings: dict[str, Any]) -> tuple[list[int], ToolFormat | None, dict[str, Any]]:
+    def _prepare(self, messages: list[dict], system: str | None, tools: list[dict] | None, images: list | None,
+                 videos: list | None, settings: dict[str, Any]) -> tuple[Prompt, ToolFormat | None, dict[str, Any]]:
         if self.is_reward_model:
             raise RequestError("this model is a reward model (`stage: rm`): it scores conversations and cannot chat")
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise RequestError(f"unknown generation setting(s) {', '.join(unknown)}; known are {', '.join(SETTINGS)}")
         settings = _checked_settings({key: value for key, value in settings.items() if value is not None})
-        system, messages = normalize_messages(messages, system)
+        system, messages, part_images, part_videos = normalize_messages(messages, system)
+        images, videos = [*part_images, *(images or [])], [*part_videos, *(videos or [])]
+        messages, media_inputs = self._place_media(messages, images, videos)
         if tools and not self.template.supports_tools:
             raise RequestError(f"the chat template {self.template.name!r} cannot show tools to the model: set "
                                f"`tool_format` in the config (or a template whose format has tools)")
         from tunelab.data import TemplateError
 
         try:
-            prompt = self.template.encode_prompt(self.tokenizer, messages, system,
-                                                 json.dumps(tools, ensure_ascii=False) if tools else None)
+            ids = self.template.encode_prompt(self.tokenizer, messages, system,
+                                              json.dumps(tools, ensure_ascii=False) if tools else None)
         except TemplateError as err:
             raise RequestError(str(err)) from None
         max_new = settings.get("max_new_tokens", self.config.max_new_tokens)
-        if self.max_context is not None and len(prompt) + max_new > self.max_context:
-            raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new}) exceeds the "
+        if self.max_context is not None and len(ids) + max_new > self.max_context:
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new}) exceeds the "
                                f"model's context of {self.max_context} tokens")
         tool_format = self.template.tools if tools else None
-        return prompt, tool_format, settings
+        return Prompt(ids, media_inputs(ids)), tool_format, settings
+
+    def _place_media(self, messages: list[dict], images: list, videos: list) -> tuple[list[dict], Any]:
+        """The messages with every image and video expanded to its vision block, and a function giving the model
+        inputs of the prompt's ids (nothing for a text-only model; mm_token_type_ids at least for a vision one)."""
+        if self.media is None:
+            if images or videos:
+                from tunelab.data.media.loading import not_a_vision_model
+
+                raise RequestError(f"the request has {'images' if images else 'videos'}, but "
+                                   f"{not_a_vision_model(self.config)}")
+            return messages, lambda ids: {}
+        try:
+            messages = place_media(messages, images, videos)
+            image_tokens, video_tokens = media_tokens(self.media, images, videos)
+        except MediaRequestError as err:
+            raise RequestError(str(err)) from None
+        messages = self.media.expand(messages, image_tokens, video_tokens)
+
+        def media_inputs(ids: list[int]) -> dict[str, Any]:
+            import torch
+
+            return self.media.batch_inputs([{"images": images, "videos": videos}], torch.tensor([ids]))
+
+        return messages, media_inputs
 
     def _stop_words(self, settings: dict[str, Any]) -> list[str]:
         """The request's stop strings and the template's (an end of turn shows as text when special tokens are kept,

@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.config import Config, ConfigError
-from tunelab.infer.engine import Engine
+from tunelab.infer.engine import Engine, Prompt
 from tunelab.model import load_model
 from tunelab.model.inference import load_tokenizer_and_template, to_inference_device
 from tunelab.model.generation import generation_config
@@ -84,13 +84,13 @@ class HuggingFaceEngine(Engine):
 
     # --- generation ---
 
-    def _generate(self, prompt: list[int], n: int, settings: dict[str, Any]) -> list[tuple[str, int, bool]]:
-        inputs = torch.tensor([prompt] * n, device=self.device)
+    def _generate(self, prompt: Prompt, n: int, settings: dict[str, Any]) -> list[tuple[str, int, bool]]:
+        inputs = torch.tensor([prompt.ids] * n, device=self.device)
         with torch.inference_mode():
             output = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                         **self._generate_kwargs(prompt, settings))
+                                         **self._media_inputs(prompt, n), **self._generate_kwargs(prompt, settings))
         results = []
-        for row in output[:, len(prompt):].tolist():
+        for row in output[:, len(prompt.ids):].tolist():
             # A row that ended early (on a stop string) is padded to the longest one.
             while len(row) > 1 and row[-1] == self.tokenizer.pad_token_id and row[-2] == row[-1]:
                 row.pop()
@@ -100,11 +100,12 @@ class HuggingFaceEngine(Engine):
             results.append((text, count, ended is None and count >= self._max_new(settings)))
         return results
 
-    def _stream(self, prompt: list[int], settings: dict[str, Any]) -> Iterator[str | tuple[int, bool]]:
-        inputs = torch.tensor([prompt], device=self.device)
+    def _stream(self, prompt: Prompt, settings: dict[str, Any]) -> Iterator[str | tuple[int, bool]]:
+        inputs = torch.tensor([prompt.ids], device=self.device)
         streamer, cancel, failure = _TokenQueue(), threading.Event(), []
         kwargs = self._generate_kwargs(prompt, settings)
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+        kwargs.update(self._media_inputs(prompt, 1))
 
         def generate() -> None:
             try:
@@ -142,7 +143,16 @@ class HuggingFaceEngine(Engine):
             cancel.set()
             worker.join()
 
-    def _generate_kwargs(self, prompt: list[int], settings: dict[str, Any]) -> dict[str, Any]:
+    def _media_inputs(self, prompt: Prompt, n: int) -> dict[str, Any]:
+        """The prompt's media inputs for n copies of it, on the model's device, pixels in the model's dtype."""
+        inputs = {}
+        for key, value in prompt.media_inputs.items():
+            # Per-token inputs repeat as rows; per-file ones (pixels, grids, seconds) repeat as more files.
+            value = value.repeat(n, 1) if key == "mm_token_type_ids" else torch.cat([value] * n)
+            inputs[key] = value.to(self.device, self.model.dtype if value.is_floating_point() else None)
+        return inputs
+
+    def _generate_kwargs(self, prompt: Prompt, settings: dict[str, Any]) -> dict[str, Any]:
         overrides = {key: value for key, value in settings.items()
                      if key not in ("stop", "presence_penalty", "frequency_penalty", "skip_special_tokens")}
         # A request's stop strings and a template's multi-token end of turn end generation here (the engine cuts the
@@ -156,7 +166,7 @@ class HuggingFaceEngine(Engine):
             "tokenizer": self.tokenizer}
         presence, frequency = settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0)
         if presence or frequency:
-            kwargs["logits_processor"] = LogitsProcessorList([OpenAIPenalties(len(prompt), presence, frequency)])
+            kwargs["logits_processor"] = LogitsProcessorList([OpenAIPenalties(len(prompt.ids), presence, frequency)])
         return kwargs
 
     def _decode(self, ids: list[int], settings: dict[str, Any]) -> str:

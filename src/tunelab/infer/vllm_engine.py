@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tunelab.config import Config, ConfigError
-from tunelab.infer.engine import Engine
+from tunelab.infer.engine import Engine, Prompt
 from tunelab.model.inference import load_tokenizer_and_template
 from tunelab.model.loader import resolve_source
 
@@ -25,6 +25,10 @@ class VllmEngine(Engine):
                               "adapter and no value head: export a merged model (`tunelab export`) for GGUF, "
                               "quantized or multi-adapter setups, and use `infer_backend: huggingface` for `stage: rm`")
         super().__init__(config, *load_tokenizer_and_template(config))
+        if self.media is not None:
+            raise ConfigError(f"`infer_backend: vllm` cannot serve tunelab's vision-language models yet (their images "
+                              f"are not handed to vLLM): serve {config.model_name_or_path} with `infer_backend: "
+                              f"huggingface`")
         self.llm = LLM(model=source.path, tokenizer=adapters[-1] if adapters else source.path,
                        trust_remote_code=config.trust_remote_code, dtype=config.infer_dtype,
                        max_model_len=config.vllm_maxlen, gpu_memory_utilization=config.vllm_gpu_util,
@@ -49,12 +53,12 @@ class VllmEngine(Engine):
             frequency_penalty=settings.get("frequency_penalty", 0.0), stop=settings.get("stop") or None,
             stop_token_ids=self.template.stop_token_ids(self.tokenizer), skip_special_tokens=get("skip_special_tokens"))
 
-    def _generate(self, prompt: list[int], n: int, settings: dict[str, Any]) -> list[tuple[str, int, bool]]:
-        (result,) = self.llm.generate([{"prompt_token_ids": prompt}], self._sampling(n, settings),
+    def _generate(self, prompt: Prompt, n: int, settings: dict[str, Any]) -> list[tuple[str, int, bool]]:
+        (result,) = self.llm.generate([{"prompt_token_ids": prompt.ids}], self._sampling(n, settings),
                                       lora_request=self.lora, use_tqdm=False)
         return [(out.text, len(out.token_ids), out.finish_reason == "length") for out in result.outputs]
 
-    def _stream(self, prompt: list[int], settings: dict[str, Any]) -> Iterator[str | tuple[int, bool]]:
+    def _stream(self, prompt: Prompt, settings: dict[str, Any]) -> Iterator[str | tuple[int, bool]]:
         ((text, count, hit_limit),) = self._generate(prompt, 1, settings)
         yield text
         yield count, hit_limit

@@ -44,28 +44,24 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 
 
-def check_prediction(args: TrainingArguments, media: Any = None) -> None:
+def check_prediction(args: TrainingArguments) -> None:
     """Refuse, before the model loads, what prediction cannot do: generate from a model sharded across processes
-    (each process generates its own prompts with a whole copy), or from images and videos (not batched yet)."""
+    (each process generates its own prompts with a whole copy)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if media is not None:
-        raise ConfigError("`do_predict` does not generate from images and videos yet: predict a vision-language model "
-                          "with `tunelab chat` or the API")
 
     if is_deepspeed_zero3_enabled() or args.fsdp:
         raise ConfigError("`do_predict` generates with a whole copy of the model on every process, but DeepSpeed "
                           "ZeRO-3 and FSDP shard it: predict in a run without `deepspeed` (ZeRO-3) and `fsdp`")
 
 
-def load_prompts(config: Config, tokenizer: PreTrainedTokenizerBase, template: Template) -> Any:
+def load_prompts(config: Config, tokenizer: PreTrainedTokenizerBase, template: Template, media: Any = None) -> Any:
     """The evaluation set as rows of data kind `prompt`: the generation prompt in `input_ids`, the reference reply in
     `labels`. They are the samples of the sft evaluation set, in its order (a `val_size` split depends only on the
     row count and the seed). Packing, streaming and `tokenized_path` shape only the training data and are left out;
     the training datasets are read only when the evaluation set is held out of them."""
     prompt_config = replace(config, packing=False, neat_packing=False, streaming=False, tokenized_path=None,
                             dataset=config.dataset if config.val_size > 0 else None)
-    return load_datasets(prompt_config, tokenizer, template, kind="prompt").eval
+    return load_datasets(prompt_config, tokenizer, template, kind="prompt", media=media).eval
 
 
 def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
@@ -84,22 +80,26 @@ def _padding_left(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
         tokenizer.padding_side = side
 
 
-def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                     generation: GenerationConfig, batch_size: int, show_progress: bool = False) -> list[list[int]]:
+def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict[str, Any]],
+                     generation: GenerationConfig, batch_size: int, show_progress: bool = False,
+                     media: Any = None) -> list[list[int]]:
     """The reply to each prompt (token ids, cut before the first stop token of `generation.eos_token_id`), generated
-    `batch_size` prompts at a time, longest first, left padded; returned in the order of `prompts`."""
+    `batch_size` prompts at a time, longest first, left padded; returned in the order of `prompts`.
+
+    A prompt is a row with `input_ids` and, for a vision-language model (`media`), its `images` and `videos`: the
+    collator adds their pixels and mm_token_type_ids, from which the model places its positions past the padding."""
     import torch
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    collator = DataCollator(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]), reverse=True)
+    collator = DataCollator(tokenizer, media=media)
     device = next(model.parameters()).device
     replies: list[list[int]] = [[] for _ in prompts]
     batches = range(0, len(order), batch_size)
     with _padding_left(tokenizer), evaluating(model), torch.inference_mode():
         for start in tqdm(batches, desc="predicting", unit="batch", disable=not show_progress):
             rows = order[start:start + batch_size]
-            batch = collator([{"input_ids": prompts[i], "attention_mask": [1] * len(prompts[i])} for i in rows])
+            batch = collator([{**prompts[i], "attention_mask": [1] * len(prompts[i]["input_ids"])} for i in rows])
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             output = model.generate(**batch, generation_config=generation)
             new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
@@ -108,7 +108,7 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return replies
 
 
-def predict(trainer: Trainer, config: Config, template: Template) -> dict[str, float]:
+def predict(trainer: Trainer, config: Config, template: Template, media: Any = None) -> dict[str, float]:
     """Generate, write generated_predictions.jsonl and predict_results.json; return the predict_ metrics (the main
     process returns them all, the others only the speed)."""
     from accelerate.utils import gather_object
@@ -116,7 +116,7 @@ def predict(trainer: Trainer, config: Config, template: Template) -> dict[str, f
 
     args, tokenizer = trainer.args, trainer.processing_class
     with args.main_process_first(desc="tokenizing the prediction prompts"):
-        dataset = load_prompts(config, tokenizer, template)
+        dataset = load_prompts(config, tokenizer, template, media)
     columns = dataset.to_dict()  # plain lists: read row by row below
     prompts, references = columns["input_ids"], columns["labels"]
     generation = generation_config(config, tokenizer, template.stop_token_ids(tokenizer), use_cache=True)
@@ -129,8 +129,10 @@ def predict(trainer: Trainer, config: Config, template: Template) -> dict[str, f
     # Every N-th of the sorted prompts: each process gets as many prompts, and prompts as long, as the others.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     share = order[args.process_index::args.world_size]
-    replies = generate_replies(trainer.model, tokenizer, [prompts[i] for i in share], generation, batch_size,
-                               show_progress=trainer.is_world_process_zero() and not args.disable_tqdm)
+    rows = [{"input_ids": prompts[i], **{key: columns[key][i] for key in ("images", "videos") if key in columns}}
+            for i in share]
+    replies = generate_replies(trainer.model, tokenizer, rows, generation, batch_size,
+                               show_progress=trainer.is_world_process_zero() and not args.disable_tqdm, media=media)
     by_row = dict(gather_object(list(zip(share, replies))))
     metrics = speed_metrics("predict", start, num_samples=len(prompts),
                             num_steps=math.ceil(len(prompts) / (batch_size * args.world_size)))

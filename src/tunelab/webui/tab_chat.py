@@ -12,7 +12,7 @@ import gradio as gr
 from tunelab.config import ConfigError, load_config
 from tunelab.config.schema import GenerationOptions
 from tunelab.webui.board import Board
-from tunelab.webui.chat import _text_of
+from tunelab.webui.chat import history_messages
 from tunelab.webui.fields import FIELDS
 from tunelab.webui.locales import text
 
@@ -30,8 +30,11 @@ def build(board: Board) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(elem_id="tl-chatbot", height=420, **MESSAGES_FORMAT)
-            message = board.t(gr.Textbox(label=text("message", "en"), elem_id="tl-message-box", lines=2),
-                              "message")
+            with gr.Row():
+                message = board.t(gr.Textbox(label=text("message", "en"), elem_id="tl-message-box", lines=2,
+                                             scale=3), "message")
+                image = board.t(gr.Image(label=text("image", "en"), type="filepath", sources=["upload"], height=120,
+                                         elem_id="tl-chat-image", scale=1), "image")
             with gr.Row():
                 send = board.t(gr.Button(text("send", "en"), variant="primary", elem_id="tl-send"), "send", "value")
                 clear = board.t(gr.Button(text("clear_history", "en"), elem_id="tl-clear"), "clear_history", "value")
@@ -63,8 +66,8 @@ def build(board: Board) -> None:
             gc.collect()
             return "model unloaded"
 
-        def on_send(query: str, history: list[dict], system_prompt: str, tools_json: str,
-                    *generation: Any) -> Iterator[tuple[list[dict], str]]:
+        def on_send(query: str, image_path: str | None, history: list[dict], system_prompt: str, tools_json: str,
+                    *generation: Any) -> Iterator[tuple[list[dict], str, None]]:
             if board.engine is None:
                 raise gr.Error("load a model first (Load model)")
             try:
@@ -75,9 +78,16 @@ def build(board: Board) -> None:
                 settings = {key: FIELDS[key].from_widget(value) for key, value in zip(GENERATION_KEYS, generation)}
             except ValueError as err:
                 raise gr.Error(str(err)) from None
-            messages = [{"role": turn["role"], "content": _text_of(turn["content"])} for turn in history]
-            messages.append({"role": "user", "content": query})
-            shown = [*messages, {"role": "assistant", "content": ""}]
+            messages = history_messages(history)
+            if image_path:
+                messages.append({"role": "user", "content": [{"type": "image", "image": image_path},
+                                                             {"type": "text", "text": query}]})
+                # The chat shows the picture as a turn of its own, then the text.
+                shown = [*history, {"role": "user", "content": {"path": image_path}},
+                         {"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+            else:
+                messages.append({"role": "user", "content": query})
+                shown = [*history, {"role": "user", "content": query}, {"role": "assistant", "content": ""}]
             from tunelab.infer.engine import RequestError
 
             try:
@@ -86,7 +96,7 @@ def build(board: Board) -> None:
                     shown[-1]["content"] += delta.text
                     if delta.reply is not None and delta.reply.tool_calls:
                         shown[-1]["content"] += "\n" + json.dumps(delta.reply.tool_calls, ensure_ascii=False)
-                    yield shown, ""
+                    yield shown, "", None
             except RequestError as err:
                 raise gr.Error(str(err)) from None
 
@@ -94,7 +104,7 @@ def build(board: Board) -> None:
         load.click(on_load, board.inputs, info)
         unload.click(on_unload, None, info)
         for trigger in (send.click, message.submit):
-            trigger(on_send, [message, chatbot, system, tools, *generation], [chatbot, message])
-        clear.click(lambda: ([], ""), None, [chatbot, message])
+            trigger(on_send, [message, image, chatbot, system, tools, *generation], [chatbot, message, image])
+        clear.click(lambda: ([], "", None), None, [chatbot, message, image])
 
     board.after_layout.append(wire)

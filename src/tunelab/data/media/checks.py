@@ -27,9 +27,11 @@ logger = logging.getLogger(__name__)
 
 #: Media given as these are not fetched: a sample names local files.
 REMOTE_PREFIXES = ("http://", "https://", "data:")
-#: Data kinds whose processors take images and videos: kto's KL pairs would need the next sample's media too, and the
-#: ppo/grpo rollouts (kind prompt) generate from the text alone so far.
-MEDIA_KINDS = ("sft", "pairwise")
+#: Data kinds whose processors take images and videos (kto's KL pairs would need the next sample's media too), and
+#: the stages that cannot use them although their kind can: the ppo/grpo rollouts generate from the text alone so far
+#: (kind prompt also feeds prediction, which takes media).
+MEDIA_KINDS = ("sft", "pairwise", "prompt")
+TEXT_ONLY_STAGES = ("ppo", "grpo")
 
 
 def refuse_media_setup(config: Any, media: Any, packing: bool) -> None:
@@ -68,7 +70,7 @@ def measure_media(converted: Any, spec: DatasetSpec, config: Any, media: Any, ki
             continue
         with_media = True
         where, path = found
-        if kind not in MEDIA_KINDS:
+        if kind not in MEDIA_KINDS or config.stage in TEXT_ONLY_STAGES:
             raise DataError(f"{where} has {key} ({path}), which stage {config.stage} cannot take yet")
         if media is None:
             raise DataError(f"{where} has {key} ({path}), but {not_a_vision_model(config)}")

@@ -20,6 +20,10 @@ from typing import Any
 from tunelab.data.media.families import VisionFamily
 
 
+#: A file path, or a PIL image already in memory (a chat upload, an API data URL).
+ImageSource = Any
+
+
 class MediaError(Exception):
     """A media file that cannot be used; the message says why (the caller adds the dataset, sample and file)."""
 
@@ -67,13 +71,13 @@ def fitted_size(width: int, height: int, max_pixels: int, min_pixels: int, famil
     return sizes[-1]
 
 
-def image_size(path: str) -> tuple[int, int]:
+def image_size(path: ImageSource) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding the pixels."""
     with _opened(path) as image:
         return image.size
 
 
-def check_image(path: str) -> tuple[int, int]:
+def check_image(path: ImageSource) -> tuple[int, int]:
     """(width, height) of an image that decodes completely; MediaError for a missing, foreign or truncated file.
 
     JPEGs decode at 1/8 scale (`draft`), which still reads every byte of the file (so truncation is found) in a
@@ -81,7 +85,8 @@ def check_image(path: str) -> tuple[int, int]:
     """
     with _opened(path) as image:
         size = image.size
-        image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        if isinstance(path, str):  # never on a caller's image object: a draft would shrink it for good
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         try:
             image.load()
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
@@ -89,7 +94,7 @@ def check_image(path: str) -> tuple[int, int]:
     return size
 
 
-def load_image(path: str, max_pixels: int, min_pixels: int, family: VisionFamily) -> Any:
+def load_image(path: ImageSource, max_pixels: int, min_pixels: int, family: VisionFamily) -> Any:
     """The image as LLaMA-Factory hands it to the processor: resized by the pixel limits, RGB, then by the family's
     shape limits (each step its own resize, in LLaMA-Factory's order)."""
     with _opened(path) as image:
@@ -111,10 +116,15 @@ def prepare_image(image: Any, max_pixels: int, min_pixels: int, family: VisionFa
     return image
 
 
-def _opened(path: str) -> Any:
-    """The image opened lazily (a context manager); MediaError when it is missing or not an image."""
+def _opened(path: ImageSource) -> Any:
+    """The image opened lazily (a context manager); MediaError when it is missing or not an image. An image already
+    in memory (a PIL image: a chat upload, a data URL) is used as it is, and left open."""
+    from contextlib import nullcontext
+
     from PIL import Image
 
+    if isinstance(path, Image.Image):
+        return nullcontext(path)
     try:
         return Image.open(path)
     except FileNotFoundError:

@@ -19,7 +19,7 @@ from itertools import accumulate
 from typing import Any
 
 from tunelab.data.media.families import VisionFamily
-from tunelab.data.media.images import MediaError, check_image, fitted_size, load_image, prepare_image
+from tunelab.data.media.images import ImageSource, MediaError, check_image, fitted_size, load_image, prepare_image
 from tunelab.data.media.video import decode_frames, probe_video, sample_indices
 from tunelab.data.spec import DataError
 from tunelab.data.validation import MEDIA_PLACEHOLDERS
@@ -77,8 +77,9 @@ class MediaProcessor:
 
     # ------------------------------------------------------------ tokenizing
 
-    def image_tokens(self, path: str) -> int:
-        """Tokens the image becomes; MediaError when it is missing, foreign or does not decode completely."""
+    def image_tokens(self, path: ImageSource) -> int:
+        """Tokens the image (a file, or a PIL image) becomes; MediaError when it is missing, foreign or does not
+        decode completely."""
         width, height = fitted_size(*check_image(path), self.limits.image_max_pixels, self.limits.image_min_pixels,
                                     self.family)
         return self.family.image_tokens(self.image_processor, height, width)
@@ -137,7 +138,8 @@ class MediaProcessor:
         """The model inputs of a padded batch besides the text: pixel values and grids of the rows' images and videos
         (in row order), `second_per_grid_ts` where the family takes it, and `mm_token_type_ids`, in every batch.
 
-        `rows` hold each row's `images` and `videos` paths; `input_ids` is the padded LongTensor [rows, length].
+        `rows` hold each row's `images` (paths or PIL images) and `videos` (paths); `input_ids` is the padded
+        LongTensor [rows, length].
         DataError when a file cannot be read, or gives other token counts than the row was tokenized with."""
         import torch
 
@@ -145,10 +147,12 @@ class MediaProcessor:
         images = [[*(row.get("images") or [])] for row in rows]
         videos = [[*(row.get("videos") or [])] for row in rows]
         if any(images):
-            patches, grids, tokens = self._images(list(dict.fromkeys(p for paths in images for p in paths)))
+            unique = {_file_key(p): p for paths in images for p in paths}
+            patches, grids, tokens = self._images(list(unique.values()))
             self._check_rows(images, tokens, input_ids, self.image_id, "image")
-            inputs["pixel_values"] = torch.from_numpy(_concat([patches[p] for paths in images for p in paths]))
-            inputs["image_grid_thw"] = torch.tensor([grids[p] for paths in images for p in paths])
+            keys = [_file_key(p) for paths in images for p in paths]
+            inputs["pixel_values"] = torch.from_numpy(_concat([patches[key] for key in keys]))
+            inputs["image_grid_thw"] = torch.tensor([grids[key] for key in keys])
         if any(videos):
             patches, grids, plans = self._videos(list(dict.fromkeys(p for paths in videos for p in paths)))
             self._check_rows(videos, {p: plan.tokens for p, plan in plans.items()}, input_ids, self.video_id, "video")
@@ -164,17 +168,18 @@ class MediaProcessor:
         inputs["mm_token_type_ids"] = types
         return inputs
 
-    def _images(self, paths: list[str]) -> tuple[dict, dict, dict]:
+    def _images(self, paths: list[ImageSource]) -> tuple[dict, dict, dict]:
         limits = self.limits
         loaded = [_read(load_image, path, limits.image_max_pixels, limits.image_min_pixels, self.family)
                   for path in paths]
         out = self.image_processor(images=loaded, return_tensors="np")
         grids = out["image_grid_thw"].tolist()
         ends = list(accumulate(grid[0] * grid[1] * grid[2] for grid in grids))
-        patches = {path: out["pixel_values"][start:end] for path, start, end in zip(paths, [0, *ends], ends)}
-        tokens = {path: self.family.image_tokens(self.image_processor, image.height, image.width)
-                  for path, image in zip(paths, loaded)}
-        return patches, dict(zip(paths, grids)), tokens
+        keys = [_file_key(path) for path in paths]
+        patches = {key: out["pixel_values"][start:end] for key, start, end in zip(keys, [0, *ends], ends)}
+        tokens = {key: self.family.image_tokens(self.image_processor, image.height, image.width)
+                  for key, image in zip(keys, loaded)}
+        return patches, dict(zip(keys, grids)), tokens
 
     def _videos(self, paths: list[str]) -> tuple[dict, dict, dict]:
         patches, grids, plans = {}, {}, {}
@@ -190,16 +195,21 @@ class MediaProcessor:
                     kind: str) -> None:
         """Each row holds exactly the tokens its files make now (a file replaced after tokenizing would not)."""
         for row, paths in enumerate(files):
-            found, expected = int((input_ids[row] == token_id).sum()), sum(tokens[p] for p in paths)
+            found, expected = int((input_ids[row] == token_id).sum()), sum(tokens[_file_key(p)] for p in paths)
             if found != expected:
-                raise DataError(f"a sample with {kind}s {', '.join(paths)} was tokenized with {found} {kind} tokens, "
-                                f"but the files make {expected} now: a file changed after the data was tokenized; "
-                                f"run again with `overwrite_cache: true`")
+                raise DataError(f"a sample with {kind}s {', '.join(map(str, paths))} was tokenized with {found} {kind} "
+                                f"tokens, but the files make {expected} now: a file changed after the data was "
+                                f"tokenized; run again with `overwrite_cache: true`")
 
     def fingerprint(self) -> dict[str, Any]:
         """What changes the tokens this processor gives (for the cache key of tokenized data)."""
         return {"family": self.family.name, "limits": asdict(self.limits),
                 "image_processor": self.image_processor.to_dict()}
+
+
+def _file_key(source: ImageSource) -> Any:
+    """What identifies a file in a batch: its path, or the image object itself (PIL images are not hashable)."""
+    return source if isinstance(source, str) else id(source)
 
 
 def _read(read: Any, path: str, *args: Any) -> Any:

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 PROMPT_ROLES = ("user", "tool")
 TRIMMABLE = ("system", "user", "assistant")
+MEDIA_MARKUP = ("image_markup", "video_markup")
 
 
 def split_thought(content: str, open_tag: str, close_tag: str) -> tuple[str, str]:
@@ -42,6 +43,12 @@ class ChatTemplate(Template):
     A conversation renders as: `prefix`, the system block, then per message `user` / `observation` / `assistant`
     (or `function` for a reply calling tools), each reply preceded by `assistant_header`, which is also the generation
     prompt. The fields are documented in loading.py, where user templates are read from YAML.
+
+    `image_markup` and `video_markup` (set in the rows of vision-language families) are read by the Jinja only, which
+    writes them for the image and video parts of a message given as a list of parts. The Python rendering never sees
+    parts: the data layer has already replaced each file's `<image>` / `<video>` placeholder with the family's vision
+    block (data/media), so training text arrives as strings, and that block is this markup with the pad token repeated
+    once per image token, as the processor expands the served prompt's markup.
     """
 
     name: str
@@ -64,6 +71,8 @@ class ChatTemplate(Template):
     efficient_eos: bool = False
     markers: tuple[str, ...] = ()
     trim: tuple[str, ...] = ()
+    image_markup: str = ""
+    video_markup: str = ""
 
     def __post_init__(self) -> None:
         allowed = {"content", "bos_token", "eos_token"}
@@ -199,8 +208,10 @@ class ChatTemplate(Template):
         return text.strip() if role in self.trim else text
 
     def definition(self) -> dict[str, Any]:
-        # Every field but enable_thinking, which a request may switch.
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "enable_thinking"}
+        # Every field but enable_thinking, which a request may switch. A text-only template leaves its (empty) media
+        # markup out, so definitions recorded before those fields existed still match it.
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name != "enable_thinking" and (f.name not in MEDIA_MARKUP or getattr(self, f.name))}
         return {"kind": "table", **{key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}}
 
     @property

@@ -1,12 +1,23 @@
 """The Jinja twin of a `ChatTemplate`: the chat template saved with the tokenizer, built from the same format strings
 the Python rendering (chat.py) fills, so a served model is prompted exactly as it was trained. Every branch here
 mirrors one in `ChatTemplate.render_pieces`; test_templates.py renders every table row both ways and compares.
+
+A template with media markup (`image_markup` / `video_markup`: the vision-language rows) also takes message content
+given as a list of parts, as processors, vLLM and the OpenAI API send it: an image part (`{"type": "image"}`,
+`image_url`) becomes the image markup, a video part the video markup and a text part its text, in order, exactly as
+Qwen2-VL's own chat template writes them (test_template_media.py compares). The Jinja of every other template is
+unchanged by this.
 """
 
 import json
 from typing import Any
 
 from tunelab.data.template.strings import jinja_emit, jinja_expr
+
+#: (kind of part, the Jinja test that recognises one), as Qwen2-VL's own chat template recognises them: by `type`, or
+#: by the key that holds the file (`{"image": PATH}`, `{"image_url": {"url": ...}}`, `{"video": PATH}`).
+MEDIA_PARTS = (("image", "part['type'] == 'image' or 'image' in part or 'image_url' in part"),
+               ("video", "part['type'] == 'video' or 'video' in part"))
 
 
 def build_jinja(template: Any) -> str:
@@ -17,15 +28,18 @@ def build_jinja(template: Any) -> str:
     # As in the Python rendering, a blank system prompt still opens a system block once trimmed (`shown`).
     trim_system = "system" in template.trim
     has_system = "(shown or system)" if trim_system else "system"
-    user_content = "(message['content'] | trim)" if "user" in template.trim else "message['content']"
-    reply_content = "(message['content'] | trim)" if "assistant" in template.trim else "message['content']"
-    lines = []
+    message_text = _text(template, "message")
+    user_content = f"({message_text} | trim)" if "user" in template.trim else message_text
+    reply_content = f"({message_text} | trim)" if "assistant" in template.trim else message_text
+    # A reply that only calls tools may have no content (None): its text is "" (content_text writes none as "").
+    reply_guard = "" if _takes_media(template) else " if message['content'] is string else ''"
+    lines = _jinja_content_text(template)
     if template.thought:
         lines.append(f"{{%- set thinking = enable_thinking if enable_thinking is defined else "
                      f"{str(template.enable_thinking).lower()} -%}}")
     lines += [
         "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+        f"{{%- set system = {_text(template, 'messages[0]')} -%}}{{%- set loop_messages = messages[1:] -%}}",
         "{%- else -%}",
         f"{{%- set system = {json.dumps(template.default_system, ensure_ascii=False)} -%}}"
         "{%- set loop_messages = messages -%}",
@@ -48,8 +62,8 @@ def build_jinja(template: Any) -> str:
         lines += [
             "{%- set query = namespace(index=loop_messages | length - 1) -%}",
             "{%- for message in loop_messages -%}",
-            "{%- if message['role'] == 'user' and not (message['content'].startswith('<tool_response>') and "
-            "message['content'].endswith('</tool_response>')) -%}{%- set query.index = loop.index0 -%}"
+            f"{{%- if message['role'] == 'user' and not ({message_text}.startswith('<tool_response>') and "
+            f"{message_text}.endswith('</tool_response>')) -%}}{{%- set query.index = loop.index0 -%}}"
             "{%- endif -%}",
             "{%- endfor -%}",
         ]
@@ -66,12 +80,12 @@ def build_jinja(template: Any) -> str:
         "{%- elif message['role'] == 'tool' -%}",
         "{%- if loop.first or loop.previtem['role'] != 'tool' -%}" + jinja_emit(template.observation_open)
         + "{%- endif -%}",
-        jinja_emit(template.observation or template.user, content="message['content']"),
+        jinja_emit(template.observation or template.user, content=message_text),
         "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}" + jinja_emit(template.observation_close)
         + "{%- endif -%}",
         "{%- elif message['role'] == 'assistant' -%}",
         jinja_emit(template.assistant_header),
-        f"{{%- set content = {reply_content} if message['content'] is string else '' -%}}",
+        f"{{%- set content = {reply_content}{reply_guard} -%}}",
         *_jinja_thought(template),
         "{%- if message.tool_calls -%}",
     ]
@@ -96,6 +110,54 @@ def build_jinja(template: Any) -> str:
         lines.append("{%- if not thinking -%}" + think_block + "{%- endif -%}")
     lines.append("{%- endif -%}")
     return "\n".join(line for line in lines if line) + "\n"
+
+
+def _takes_media(template: Any) -> bool:
+    return bool(template.image_markup or template.video_markup)
+
+
+def _text(template: Any, message: str) -> str:
+    """The Jinja expression of a message's text: its content, written out by `content_text` when it may be a list of
+    parts."""
+    return f"content_text({message})" if _takes_media(template) else f"{message}['content']"
+
+
+def _jinja_content_text(template: Any) -> list[str]:
+    """The macro `content_text(message)`: the message's content as text. A string as is; a list of parts as
+    Qwen2-VL's own template writes it (each media part its markup, each text part its text, other parts nothing);
+    none as "". Nothing for a text-only template, whose Jinja reads `message['content']` directly.
+
+    The macro takes the message, not its content, so that the loop reads `for part in message['content']`: vLLM looks
+    for that loop to decide that the template takes parts ("openai" content format); without it, vLLM flattens the
+    parts to text in its own way (text parts joined by newlines) before rendering."""
+    if not _takes_media(template):
+        return []
+    # Qwen2-VL's own template numbers the files ("Picture 1: ") when asked to; this one writes no numbers, so it
+    # refuses rather than quietly render another prompt than the caller asked for.
+    unnumbered = ("{%- if add_vision_id is defined and add_vision_id -%}"
+                  f"{{{{- raise_exception('template {template.name} does not number images and videos "
+                  "(add_vision_id)') -}}{%- endif -%}")
+    lines = [
+        "{%- macro content_text(message) -%}",
+        "{%- if message['content'] is string -%}{{- message['content'] -}}",
+        "{%- elif message['content'] is not none -%}",
+        "{%- for part in message['content'] -%}",
+    ]
+    for i, (kind, is_kind) in enumerate(MEDIA_PARTS):
+        markup = getattr(template, f"{kind}_markup")
+        # A part the model family cannot take fails loudly instead of vanishing from the prompt.
+        emit = unnumbered + jinja_emit(markup) if markup else \
+            f"{{{{- raise_exception('template {template.name} takes no {kind}') -}}}}"
+        lines += [f"{{%- {'el' if i else ''}if {is_kind} -%}}", emit]
+    lines += [
+        "{%- elif 'text' in part -%}{{- part['text'] -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- endif -%}",
+        "{%- endmacro -%}",
+    ]
+    return lines
+
 
 def _jinja_thought(template: Any) -> list[str]:
     """The Jinja twin of `ChatTemplate._reply`'s reasoning handling (Qwen3's own template, plus the

@@ -32,6 +32,9 @@ Fields of a template (YAML keys; only `user`, `assistant` and `system` hold `{{c
     markers            markup that must be one token each (added as special tokens when the tokenizer lacks them)
     trim               roles whose text loses its surrounding whitespace, as Jinja's `| trim` in an official template
                        does: any of system, user, assistant (e.g. [assistant] for Mistral v0.3)
+    image_markup       what the saved Jinja writes for an image part of a message given as a list of parts
+                       (`{"type": "image"}`), e.g. "<|vision_start|><|image_pad|><|vision_end|>" for Qwen2-VL;
+                       video_markup: the same for a video part. Empty (the default): the template takes no such parts
 
 `examples/templates/` holds an example of each kind of file.
 """

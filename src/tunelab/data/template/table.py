@@ -141,7 +141,11 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
                  system="<|system|>\n{{content}}{{eos_token}}", default_system="You are Zephyr, a helpful assistant."),
     CHATML,
     QWEN,
-    replace(QWEN, name="qwen2_vl", default_system="You are a helpful assistant."),
+    # An image or a video as Qwen2-VL's own chat template writes it; its processor then repeats the pad token once
+    # per vision token. Qwen2.5-VL's tokenizer has the same template.
+    replace(QWEN, name="qwen2_vl", default_system="You are a helpful assistant.",
+            image_markup="<|vision_start|><|image_pad|><|vision_end|>",
+            video_markup="<|vision_start|><|video_pad|><|vision_end|>"),
     replace(QWEN, name="qwen3", default_system="", thought=_THINK),
     replace(QWEN, name="qwen3_nothink", default_system=""),
     replace(CHATML, name="yi", stop_words=("<|im_end|>",), observation=""),

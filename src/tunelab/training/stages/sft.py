@@ -26,7 +26,7 @@ def run(config: Config) -> dict[str, Any]:
     start = start_run(config)
     args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
     if config.do_predict:
-        check_prediction(args, start.media)
+        check_prediction(args)
 
     model = load_model(config, tokenizer, trainable=config.do_train)
     # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
@@ -43,5 +43,5 @@ def run(config: Config) -> dict[str, Any]:
                          config=config, reference=reference)
     results = train_and_report(trainer, config, resume_from)
     if config.do_predict:
-        results.update(predict(trainer, config, start.template))
+        results.update(predict(trainer, config, start.template, start.media))
     return results
