@@ -417,9 +417,11 @@ def test_chat_about_an_uploaded_picture(page, picture_adapter):
     page.locator("#tl-do_sample input").uncheck()   # greedy: the adapter's answers are its greedy replies
     fill_text(page, "repetition_penalty", "1")
     page.click("#tl-clear")
+    page.click("#tl-unload-model")
+    wait_text(page, "tl-chat-info", "model unloaded")
     page.click("#tl-load-model")
-    wait_text(page, "tl-chat-info", "loaded", "⚠")
-    assert "template: qwen2_vl" in text_of(page, "tl-chat-info")
+    wait_text(page, "tl-chat-info", "template: qwen2_vl", "⚠")
+    assert picture_adapter["adapter_name_or_path"] in text_of(page, "tl-chat-info")
     page.locator("#tl-chat-image input[type=file]").set_input_files(str(LF_DATA / "mllm_demo_data" / "1.jpg"))
     page.locator("#tl-chat-image img").first.wait_for(timeout=30_000)
     page.locator("#tl-message-box textarea").fill(PICTURE_QUESTION)
