@@ -6,7 +6,7 @@
 # with the reason. The fast inner loop: -m "not slow and not distributed and not browser" (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TUNELAB_EXTRAS=test,quantization,methods,video bash scripts/setup.sh
+TUNELAB_EXTRAS=test,quantization,methods,video,deepspeed bash scripts/setup.sh
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "[test] installing chromium and a CJK font for the browser tests (about 90 s)"
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-wqy-microhei; } >/dev/null \

@@ -6,10 +6,12 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -93,8 +95,9 @@ def run_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
     return config
 
 
-def train_with_two_processes(config: dict, folder: Path, port: int) -> None:
-    """`tunelab train` on `config` under torchrun with 2 CPU processes (DDP over gloo); the test fails on an error."""
+def train_with_two_processes(config: dict, folder: Path, port: int) -> str:
+    """`tunelab train` on `config` under torchrun with 2 CPU processes (DDP over gloo, or the engine the config names);
+    the test fails on an error. Returns what the run wrote to stderr (tunelab's log)."""
     path = folder / "two_processes.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(port),
@@ -102,6 +105,7 @@ def train_with_two_processes(config: dict, folder: Path, port: int) -> None:
     result = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], folder: Path, port: int,
@@ -126,6 +130,45 @@ def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], 
         for tensor in ddp:
             torch.testing.assert_close(ddp[tensor], accumulated[tensor], rtol=1e-4, atol=1e-6)
     return records[two]
+
+
+#: The file a run saves its trained weights in, per method.
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+def engine_config(model_dir: Path, out: Path, method: str, **more) -> dict:
+    """A short run (4 steps of batch 2, a checkpoint every 2) for comparing engines: DeepSpeed, FSDP, several nodes."""
+    return run_config(model_dir, out, **{"finetuning_type": method, "max_steps": 4, "save_steps": 2,
+                                         "logging_steps": 1, "per_device_train_batch_size": 2,
+                                         "learning_rate": 1e-2 if method == "lora" else 1e-3, **more})
+
+
+def assert_same_training(sharded: Path, whole: Path, method: str, rel: float = 1e-5, atol: float = 1e-5) -> None:
+    """Two runs of `engine_config` logged the same losses and gradient norms at every step and saved the same
+    weights (same names: nothing trained that the other left alone)."""
+    from safetensors.torch import load_file
+
+    records = {run: [r for r in read_log(run) if "loss" in r] for run in (sharded, whole)}
+    assert [r["current_steps"] for r in records[sharded]] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in records[sharded]] == pytest.approx([r[key] for r in records[whole]], rel=rel)
+    got, expected = load_file(sharded / WEIGHTS[method]), load_file(whole / WEIGHTS[method])
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=max(rel, atol), atol=atol)
+
+
+def assert_resumes_exactly(out: Path, rerun: Callable[[], Any], checkpoint: int = 2) -> None:
+    """Keep only `checkpoint-N` and the log of a finished run in `out`, run again (it resumes from the checkpoint),
+    and check that the steps after N log the losses of the uninterrupted run."""
+    uninterrupted = {r["current_steps"]: r["loss"] for r in read_log(out) if "loss" in r}
+    for path in out.iterdir():
+        if path.name not in (f"checkpoint-{checkpoint}", "trainer_log.jsonl"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    rerun()
+    resumed = {r["current_steps"]: r["loss"] for r in read_log(out) if "loss" in r}
+    later = sorted(step for step in uninterrupted if step > checkpoint)
+    assert later and [resumed[step] for step in later] == pytest.approx([uninterrupted[s] for s in later], rel=1e-5)
 
 
 def read_log(output_dir: Path) -> list[dict]:

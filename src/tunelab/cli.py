@@ -305,6 +305,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # DeepSpeed's launcher puts `--local_rank=N` before the command; LOCAL_RANK in the environment says the same.
+    argv = [arg for arg in argv if not arg.startswith("--local_rank=")]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -12,7 +12,7 @@ from tunelab.config import ConfigError, load_config
 from tunelab.config.passthrough import IGNORED_TRAINING_KEYS, PASSTHROUGH_TRAINING_KEYS, RENAMED_TRAINING_KEYS
 from tunelab.config.rules import RULES
 from tunelab.config.schema import STAGES, public_fields
-from helpers import SEED_YAML
+from helpers import REPO, SEED_YAML
 
 BASE = {"model_name_or_path": "some/model", "do_train": True, "dataset": "identity", "output_dir": "out"}
 
@@ -185,6 +185,10 @@ RULE_CASES = {
     "trains one block all run long": {"finetuning_type": "full", "use_badam": True, "badam_switch_mode": "fixed"},
     "bring their own optimizer": {"finetuning_type": "full", "use_muon": True, "optim": "sgd"},
     "build their optimizer on the unsharded model": {"loraplus_lr_ratio": 16, "fsdp": "full_shard"},
+    "DeepSpeed ZeRO-3 cannot shard a bitsandbytes-quantized base": {
+        "finetuning_type": "qlora", "deepspeed": str(REPO / "examples" / "deepspeed" / "ds_z3_config.json")},
+    "`fsdp` cannot shard a bitsandbytes-quantized base": {"finetuning_type": "qlora", "fsdp": "full_shard"},
+    "two engines for the same job": {"fsdp": "full_shard", "deepspeed": {"zero_optimization": {"stage": 2}}},
     "builds its own optimizer from `optim`": {"stage": "grpo", "reward_funcs": "m:f", "use_muon": True},
     "`use_llama_pro` trains the expanded blocks only": {"finetuning_type": "full", "use_llama_pro": True},
     "change the SFT loss": {"stage": "pt", "use_dft_loss": True},
@@ -290,7 +294,8 @@ def test_keys_alone_make_a_config_as_on_llamafactorys_command_line():
 
 
 @pytest.mark.parametrize(("keys", "module", "install"), [
-    ({"deepspeed": "ds_z2.json"}, "deepspeed", "pip install deepspeed"),
+    ({"deepspeed": str(REPO / "examples" / "deepspeed" / "ds_z2_config.json")}, "deepspeed",
+     "pip install 'tunelab[deepspeed]'"),
     ({"finetuning_type": "qlora"}, "bitsandbytes", "pip install 'tunelab[quantization]'"),
     ({"report_to": "wandb"}, "wandb", "pip install wandb"),
     ({"optim": "galore_adamw", "optim_target_modules": "all-linear"}, "galore_torch",
@@ -302,3 +307,17 @@ def test_a_missing_optional_package_is_named_when_the_config_loads(keys, module,
     monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package looks like
     message = error_of({**BASE, **keys})
     assert f"needs the `{module}` package, which is not installed: {install}" in message
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"`deepspeed`: .*missing.json does not exist \(a relative path is read from .*\); tunelab ships the usual "
+           r"files in its examples/deepspeed/"),
+    ('{"zero_optimization": {"stage": 3,}}', r"`deepspeed`: .*broken.json: line 1, column 35: Expecting property name"),
+    ("[3]", r"`deepspeed`: .*broken.json: expected a JSON object of DeepSpeed settings"),
+])
+def test_a_deepspeed_file_that_cannot_be_used_is_named_when_the_config_loads(content, message, tmp_path):
+    path = tmp_path / ("missing.json" if content is None else "broken.json")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config({**BASE, "deepspeed": str(path)})

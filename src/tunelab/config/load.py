@@ -16,6 +16,7 @@ from typing import Any, Literal
 from tunelab.config.llamafactory import DECIDED_BY_TUNELAB, SAME_AS_TUNELAB, UNSUPPORTED
 from tunelab.config.llamafactory_v1 import V1_ONLY_KEYS, is_v1_config, translate_v1
 from tunelab.config.packages import missing_packages
+from tunelab.config.distributed import deepspeed_settings
 from tunelab.config.passthrough import (IGNORED_TRAINING_KEYS, MOVED_INTO_FSDP_CONFIG, PASSTHROUGH_TRAINING_KEYS,
                                         RENAMED_TRAINING_KEYS)
 from tunelab.config.rules import check_rules
@@ -69,6 +70,11 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
         else:
             extra[key] = _parse_text(value) if where == "command line" else value
     _move_into_fsdp_config(extra, accepted, problems)
+    if extra.get("deepspeed"):
+        try:
+            deepspeed_settings(extra["deepspeed"])
+        except ValueError as err:
+            problems.append(f"{accepted['deepspeed'][0]}: `deepspeed`: {err}")
     if problems:
         raise ConfigError(_format(problems))
     config = Config(**kwargs, extra_training_args=extra)

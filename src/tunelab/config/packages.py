@@ -33,7 +33,7 @@ NEEDS = (
     Need("`use_badam`", lambda c: c.use_badam, ("badam",), "pip install 'tunelab[methods]'"),
     Need("`use_adam_mini`", lambda c: c.use_adam_mini, ("adam_mini",), "pip install 'tunelab[methods]'"),
     Need("`deepspeed`", lambda c: bool(c.extra_training_args.get("deepspeed")), ("deepspeed",),
-         "pip install deepspeed (DS_BUILD_OPS=0 where there is no CUDA)"),
+         "pip install 'tunelab[deepspeed]'"),
     Need("`do_predict` (BLEU and ROUGE scores)", lambda c: c.do_predict, ("jieba", "nltk", "rouge_chinese"),
          "pip install 'tunelab[metrics]'"),
     Need("`infer_backend: vllm`", lambda c: c.infer_backend == "vllm", ("vllm",),

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from typing import NamedTuple
 
+from tunelab.config.distributed import zero_stage
 from tunelab.config.schema import REFERENCE_LOSSES, Config
 from tunelab.config.stages import STAGE_SPECS, StageSpec, stages_where
 
@@ -132,6 +133,14 @@ RULES: tuple[Rule, ...] = (
     Rule(lambda c: _stage(c).rollout and bool(c.extra_training_args.get("deepspeed")
                                               or c.extra_training_args.get("fsdp")),
          "stage {stage} runs its own loop on accelerate with DDP: `deepspeed` and `fsdp` are not supported"),
+    Rule(lambda c: zero_stage(c) == 3 and c.quantization_bit is not None,
+         "DeepSpeed ZeRO-3 cannot shard a bitsandbytes-quantized base model here (`quantization_bit`): use ZeRO-2 "
+         "(ds_z2_config.json) for QLoRA, or LoRA on the float model under ZeRO-3"),
+    Rule(lambda c: bool(c.extra_training_args.get("fsdp")) and c.quantization_bit is not None,
+         "`fsdp` cannot shard a bitsandbytes-quantized base model here (`quantization_bit`): use DeepSpeed ZeRO-2 "
+         "for QLoRA across devices, or LoRA on the float model under FSDP"),
+    Rule(lambda c: bool(c.extra_training_args.get("fsdp")) and bool(c.extra_training_args.get("deepspeed")),
+         "`fsdp` and `deepspeed` are two engines for the same job: keep one"),
     Rule(lambda c: not _stage(c).next_token_loss and (c.packing or c.neat_packing),
          f"`packing` applies to {stages_where(lambda s: s.next_token_loss)}: the other stages score whole samples"),
     Rule(lambda c: c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid",

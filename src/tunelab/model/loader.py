@@ -308,7 +308,9 @@ def _keep_4bit_weights_trainable_on_cpu(model: "PreTrainedModel") -> None:
 
 def _fit_vocab(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", config: Config) -> bool:
     """Resize the embeddings to the tokenizer when asked, or when token ids would not fit; True if resized."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    # Under DeepSpeed ZeRO-3 a parameter is a partition (its `shape` is 0); `ds_shape` is the whole one.
+    rows = getattr(weight, "ds_shape", weight.shape)[0]
     if config.resize_vocab and rows != len(tokenizer):
         logger.info("resize_vocab: embeddings resized from %d to %d tokens", rows, len(tokenizer))
     elif len(tokenizer) > rows:

@@ -14,6 +14,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from tunelab.config import Config, ConfigError
+from tunelab.training.engines import engine_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def build_training_arguments(config: Config) -> TrainingArguments:
     values.update(low_rank_optimizer_arguments(config))
     values.update(_gpu_only_features(config, on_cpu))
     values.update(config.extra_training_args)
+    values.update(engine_arguments(config, on_cpu))
     try:
         return TrainingArguments(**values)
     except (ValueError, TypeError, ImportError) as err:

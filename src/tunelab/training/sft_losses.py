@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from tunelab.config import Config
 from tunelab.data.processing import IGNORE_INDEX
+from tunelab.training.engines import place_frozen_model
 from tunelab.training.metrics_trainer import MetricsTrainer
 from tunelab.training.moe import router_loss_coef
 
@@ -134,9 +135,7 @@ class SFTTrainer(MetricsTrainer):
         # by the accumulation steps again (our losses are already divided by that count).
         uses_variant = self.token_loss is not None or self.asft_alpha is not None
         super().__init__(*args, compute_loss_func=self.variant_loss if uses_variant else None, **kwargs)
-        self.reference = reference
-        if reference is not None and getattr(reference, "hf_quantizer", None) is None:
-            reference.to(self.args.device)
+        self.reference = place_frozen_model(reference, self.args) if reference is not None else None
         # The model's own loss adds coef x aux_loss when its router logits are on; the variants add the same.
         self.router_coef = router_loss_coef(self.model)
         self._reference_logits: torch.Tensor | None = None

@@ -12,6 +12,7 @@ from tunelab.config.stages import STAGE_SPECS
 from tunelab.data import DatasetSplits, MediaProcessor, Template, load_datasets, load_media_processor, prepare_template
 from tunelab.model import copy_processor_files, load_tokenizer
 from tunelab.training.arguments import build_training_arguments
+from tunelab.training.engines import EngineReport, force_fsdp_on_cpu, save_whole_model
 from tunelab.training.optimizers import attach_optimizer
 from tunelab.training.output_dir import prepare_output_dir
 from tunelab.training.pissa import add_pissa_conversion
@@ -51,6 +52,8 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
     """Run `do_train` and `do_eval` as configured and write what LLaMA-Factory writes:
     the weights and tokenizer, trainer_state.json, train/eval/all_results.json and, with `plot_loss`, the curves."""
     results: dict[str, Any] = {}
+    force_fsdp_on_cpu(trainer)
+    trainer.add_callback(EngineReport(trainer))
     if config.do_train:
         attach_optimizer(trainer, config)
         add_pissa_conversion(trainer, config)
@@ -62,7 +65,7 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
         # Tokens of this session over its runtime (a resumed run counts only what it trained itself).
         session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
         metrics["train_tokens_per_second"] = round(session_tokens / max(metrics["train_runtime"], 1e-9), 2)
-        trainer.save_model()
+        save_whole_model(trainer)
         if trainer.is_world_process_zero():
             # A vision-language model's image processor settings go beside the weights, so the folder chats and
             # exports on its own.

@@ -33,6 +33,7 @@ from tunelab.data.processing import IGNORE_INDEX
 from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.engines import place_frozen_model
 from tunelab.training.logprobs import sequence_logprobs
 from tunelab.training.metrics_trainer import MetricsTrainer
 from tunelab.training.preference_losses import (AVERAGED_LOSSES, dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss,
@@ -74,11 +75,8 @@ class PreferenceTrainer(MetricsTrainer):
 
     def __init__(self, *args: Any, reference: PreTrainedModel | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.reference = reference
-        # The reference is not wrapped by DDP (it has no gradients to synchronise), so it is placed here; quantized
-        # weights were placed on their device when loaded and cannot move. Under DeepSpeed each process holds it whole.
-        if reference is not None and getattr(reference, "hf_quantizer", None) is None:
-            reference.to(self.args.device)
+        # The reference is not wrapped by DDP (it has no gradients to synchronise): placed here, sharded under ZeRO-3.
+        self.reference = place_frozen_model(reference, self.args) if reference is not None else None
         # Dropout makes the policy's log-probs noisy where the reference's are not, so an untrained policy would not
         # score log-ratios of 0; TRL and LLaMA-Factory switch it off for preference training too.
         dropouts = [m for model in (self.model, reference) if model is not None for m in model.modules()
