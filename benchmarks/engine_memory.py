@@ -5,12 +5,12 @@
 The same run each time: a random 50M-parameter Llama (hidden 768, 8 layers, tunelab's tiny tokenizer), full
 fine-tuning with AdamW in float32, `identity` data, batch 2 per process, cutoff 256, 4 steps; DDP, DeepSpeed ZeRO-2,
 ZeRO-3 and ZeRO-3 with optimizer and parameter offload (tunelab's examples/deepspeed JSONs), and FSDP2 (full_shard).
-Before each optimizer step (the gradients held) and after it, every process measures two things (through a callback
-the worker adds to each Trainer it builds): the bytes of all live tensors (weights, gradients, optimizer state, the engine's buffers; each
-storage counted once), and its resident memory after giving freed heap pages back to the system (malloc_trim), so
-that neither the allocator's cache nor the transient copies of loading and saving inflate it. The table shows the
-largest figure over the steps and processes. On a CPU "offload" moves state from one part of the same RAM to another,
-so it saves nothing here; on a GPU it moves that state out of GPU memory.
+Before each optimizer step (the gradients held) and after it, every process measures two things (through a
+callback the worker adds to each Trainer it builds): the bytes of all live tensors (weights, gradients, optimizer
+state, the engine's buffers; each storage counted once), and its resident memory after giving freed heap pages back
+to the system (malloc_trim), so that neither the allocator's cache nor the transient copies of loading and saving
+inflate it. The table shows the largest figure over the steps and processes. On a CPU "offload" moves state from one
+part of the same RAM to another, so it saves nothing here; on a GPU it moves that state out of GPU memory.
 """
 
 import argparse

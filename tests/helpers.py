@@ -112,12 +112,18 @@ def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], 
                                                keys: tuple[str, ...], weights: tuple[str, ...]) -> list[dict]:
     """Train `config_for(output_dir, **overrides)` (batch 2 per device) with 2 processes under torchrun and with 1
     process and gradient accumulation 2: both see the same samples per step, so the logged `keys` and the saved
-    `weights` files must be the same. Returns the distributed run's log records."""
+    `weights` files must be the same. Returns the distributed run's log records.
+
+    Weights to a tenth of the learning rate (a tenth of one Adam step): the all-reduce sums gradients in another
+    order than accumulation does, and for the few entries whose gradient is near zero (rounding noise, which
+    differs by CPU kernel) Adam's division by the root of the second moment turns that noise into steps of up to
+    the learning rate."""
     from safetensors.torch import load_file
 
     import tunelab
 
     two, one = folder / "two", folder / "one"
+    step = config_for(two)["learning_rate"]
     train_with_two_processes(config_for(two), folder, port)
     tunelab.train(config_for(one, gradient_accumulation_steps=2))
     records = {run: [r for r in read_log(run) if "loss" in r] for run in (two, one)}
@@ -128,7 +134,7 @@ def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], 
         ddp, accumulated = load_file(two / name), load_file(one / name)
         assert ddp.keys() == accumulated.keys()
         for tensor in ddp:
-            torch.testing.assert_close(ddp[tensor], accumulated[tensor], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ddp[tensor], accumulated[tensor], rtol=1e-4, atol=step / 10)
     return records[two]
 
 

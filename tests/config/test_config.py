@@ -164,7 +164,7 @@ RULE_CASES = {
     "learns from sampled completions": {"stage": "grpo", "reward_funcs": "m:f", "do_sample": False},
     "is not supported by stage": {"stage": "grpo", "reward_funcs": "m:f", "streaming": True, "max_steps": 4},
     "needs an evaluation metric": {"stage": "ppo", "reward_model": "rm", "save_strategy": "best"},
-    "runs its own loop on accelerate": {"stage": "ppo", "reward_model": "rm", "fsdp": "full_shard"},
+    "runs its own loop, on DDP or DeepSpeed": {"stage": "ppo", "reward_model": "rm", "fsdp": "full_shard"},
     "are LoRA variants": {"finetuning_type": "full", "use_dora": True},
     "takes exactly one of `oft_rank` and `oft_block_size`": {"finetuning_type": "oft", "oft_rank": 4},
     "`pissa_convert` converts a PiSSA adapter": {"pissa_convert": True},

@@ -6,12 +6,18 @@ gradient accumulation 2 trains (losses, gradient norms and weights to 1e-5):
   at the same time, as two nodes on a shared filesystem would;
 - `accelerate launch --multi_gpu --num_processes 2 -m tunelab train ...` (accelerate's torchrun);
 - `deepspeed --num_gpus 2 --module tunelab train ...` (DeepSpeed's launcher, with a ZeRO-2 config).
+
+And preprocessing under torchrun: the main process tokenizes while the others wait and then read its cache (with
+`overwrite_cache` too); a data error it meets stops every process with its message, without waiting out
+`ddp_timeout`.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -73,3 +79,36 @@ def test_deepspeed_launcher(tiny_model_dir, tmp_path, one_process):
     run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29595", "--module", "tunelab", "train",
          str(path)])
     assert_same_training(out, one_process, "lora")
+
+
+def two_processes(path, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "FORCE_TORCHRUN": "1",
+                                            "NPROC_PER_NODE": "2", "MASTER_PORT": str(port)})
+
+
+def test_the_main_process_tokenizes_and_the_other_reads_its_cache(tiny_model_dir, tmp_path):
+    for port, overwrite in ((29621, False), (29622, True)):
+        path = write_config(tmp_path, engine_config(tiny_model_dir, tmp_path / f"run{port}", "lora", max_steps=1,
+                                                    cache_dir=str(tmp_path / "cache"), overwrite_cache=overwrite))
+        result = two_processes(path, port)
+        assert result.returncode == 0, result.stderr[-3000:]
+        # Both processes log; a fresh cache is written once and read once, and `overwrite_cache` rewrites it once.
+        assert result.stderr.count("saved the tokenized data to cache") == 1, result.stderr[-3000:]
+        assert result.stderr.count("loaded tokenized data from cache") == 1, result.stderr[-3000:]
+
+
+def test_a_data_error_on_the_main_process_stops_both_processes_with_its_message(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"instruction": "Hi", "output": "Hello."}] * 8 + [{"instruction": "Hi", "output": ""}]
+    (data / "broken.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"broken": {"file_name": "broken.json"}}))
+    path = write_config(tmp_path, engine_config(tiny_model_dir, tmp_path / "run", "lora", dataset="broken",
+                                                dataset_dir=str(data), strict_data=True, ddp_timeout=600))
+    started = time.monotonic()
+    result = two_processes(path, 29623)
+    assert result.returncode != 0
+    assert "broken.json" in result.stderr and "sample 8" in result.stderr, result.stderr[-3000:]
+    # The waiting process is stopped with the failed one, not after ddp_timeout.
+    assert time.monotonic() - started < 300

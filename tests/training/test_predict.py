@@ -164,6 +164,39 @@ def test_two_processes_predict_what_one_does(tiny_model_dir, eval_data, tmp_path
     assert read_results(double)["predict_rouge-l"] == read_results(single)["predict_rouge-l"]
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine, port", [("deepspeed", 29575), ("fsdp", 29577)])
+def test_a_sharded_model_predicts_what_its_saved_folder_predicts(tiny_model_dir, tmp_path, engine, port):
+    """After training under ZeRO-3 or FSDP the shards generate together (5 prompts: one process pads its share with
+    a dropped row), and predict what one process predicts from the saved adapter."""
+    pytest.importorskip("deepspeed")
+    from helpers import engine_config
+
+    sharding = ({"deepspeed": str(REPO / "examples" / "deepspeed" / "ds_z3_config.json")} if engine == "deepspeed"
+                else {"fsdp": "full_shard auto_wrap",
+                      "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}})
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    config = engine_config(tiny_model_dir, sharded, "lora", max_steps=2, save_strategy="no", val_size=5,
+                           do_predict=True, predict_with_generate=True, do_sample=False, max_new_tokens=8,
+                           per_device_eval_batch_size=2)
+    train_with_two_processes({**config, **sharding}, tmp_path, port)
+    tunelab.train({**config, "do_train": False, "adapter_name_or_path": str(sharded), "output_dir": str(single)})
+    assert len(read_predictions(sharded)) == 5
+    assert read_predictions(sharded) == read_predictions(single)
+
+
+@pytest.mark.distributed
+def test_prediction_alone_under_zero3_predicts_what_one_process_does(tiny_model_dir, eval_data, tmp_path):
+    """`do_train: false` under ZeRO-3: the model loads in shards and generates in an inference engine."""
+    pytest.importorskip("deepspeed")
+    single, double = tmp_path / "one", tmp_path / "two"
+    common = {"eval_dataset": "questions", "dataset_dir": str(eval_data), "per_device_eval_batch_size": 2}
+    tunelab.train(predict_config(tiny_model_dir, single, **common))
+    train_with_two_processes(predict_config(tiny_model_dir, double, **common, deepspeed=str(
+        REPO / "examples" / "deepspeed" / "ds_z3_config.json")), tmp_path, 29579)
+    assert read_predictions(double) == read_predictions(single)
+
+
 def test_missing_metrics_extra_is_named_before_the_model_loads(tiny_model_dir, eval_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_chinese", None)  # what an environment without the package looks like
     with pytest.raises(ConfigError, match=r"needs the `rouge_chinese` package, which is not installed: "

@@ -130,9 +130,9 @@ RULES: tuple[Rule, ...] = (
          "`streaming` is not supported by stage {stage}: its prompts are drawn from shuffled epochs"),
     Rule(lambda c: _stage(c).rollout and c.save_strategy == "best",
          "`save_strategy: best` needs an evaluation metric, which stage {stage} has not"),
-    Rule(lambda c: _stage(c).rollout and bool(c.extra_training_args.get("deepspeed")
-                                              or c.extra_training_args.get("fsdp")),
-         "stage {stage} runs its own loop on accelerate with DDP: `deepspeed` and `fsdp` are not supported"),
+    Rule(lambda c: _stage(c).rollout and bool(c.extra_training_args.get("fsdp")),
+         "stage {stage} runs its own loop, on DDP or DeepSpeed: `fsdp` is not supported there; for a model that "
+         "does not fit one device use `deepspeed: examples/deepspeed/ds_z3_config.json`"),
     Rule(lambda c: zero_stage(c) == 3 and c.quantization_bit is not None,
          "DeepSpeed ZeRO-3 cannot shard a bitsandbytes-quantized base model here (`quantization_bit`): use ZeRO-2 "
          "(ds_z2_config.json) for QLoRA, or LoRA on the float model under ZeRO-3"),

@@ -124,16 +124,14 @@ class EngineReport(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if args.world_size > 1 or args.deepspeed or args.fsdp:
-            line = describe_engine(self.trainer)
-            if args.process_index == 0:
-                logger.info("%s", line)
+        if (args.world_size > 1 or args.deepspeed or args.fsdp) and args.process_index == 0:
+            logger.info("%s", describe_engine(self.trainer.model_wrapped, args.world_size))
 
 
-def describe_engine(trainer: Any) -> str:
-    """"DeepSpeed ZeRO-3 over 2 processes: each holds 50% of the 192,832 weights", or FSDP, DDP likewise."""
-    wrapped, world = trainer.model_wrapped, trainer.args.world_size
-    held, total = held_parameters(trainer.model)
+def describe_engine(wrapped: Any, world: int) -> str:
+    """"DeepSpeed ZeRO-3 over 2 processes: each holds 50% of the 192,832 weights", or FSDP, DDP likewise, for the
+    model as the engine wrapped it."""
+    held, total = held_parameters(wrapped)
     if hasattr(wrapped, "zero_optimization_stage"):   # a DeepSpeedEngine
         engine = f"DeepSpeed ZeRO-{wrapped.zero_optimization_stage()}"
     elif held < total:

@@ -15,6 +15,9 @@ with its `adapter_name_or_path`). Decoding follows the generation keys (`do_samp
 Speed: prompts are sorted by length and generated `per_device_eval_batch_size` at a time, padded on the left so that
 every row's new tokens line up at the end; sorting keeps that padding small. Under torchrun each process generates
 every N-th prompt of the sorted order, and the main process gathers the replies, writes the files and scores them.
+A model sharded across the processes (DeepSpeed ZeRO-3, FSDP) generates with its layers gathered as they run: every
+process makes the same number of generate calls (the shorter shares padded with a repeated prompt whose reply is
+dropped) and steps with the others until all are done (transformers' `synced_gpus`).
 
 Texts: `prompt` is the prompt as the model saw it (special tokens included, as LLaMA-Factory writes it); `predict`
 and `label` are the generated and the reference reply up to their first stop token, decoded with
@@ -31,27 +34,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from tunelab.config import Config, ConfigError
+from tunelab.config import Config
 from tunelab.data import DataCollator, Template, load_datasets
 from tunelab.model.generation import generation_config
 from tunelab.eval import text_metrics
+from tunelab.training.engines import place_frozen_model
 from tunelab.training.rollout_types import evaluating
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
-
-
-def check_prediction(args: TrainingArguments) -> None:
-    """Refuse, before the model loads, what prediction cannot do: generate from a model sharded across processes
-    (each process generates its own prompts with a whole copy)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled() or args.fsdp:
-        raise ConfigError("`do_predict` generates with a whole copy of the model on every process, but DeepSpeed "
-                          "ZeRO-3 and FSDP shard it: predict in a run without `deepspeed` (ZeRO-3) and `fsdp`")
 
 
 def load_prompts(config: Config, tokenizer: PreTrainedTokenizerBase, template: Template, media: Any = None) -> Any:
@@ -108,6 +102,17 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return replies
 
 
+def generating_model(trainer: Trainer) -> PreTrainedModel:
+    """The trained model, ready to generate. Under ZeRO-3 a model that has not trained in this run (`do_train:
+    false`) holds only its shards and no engine gathers them yet: it gets an inference engine, as a frozen
+    reference does."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and trainer.model_wrapped is trainer.model:
+        return place_frozen_model(trainer.model, trainer.args).module
+    return trainer.model
+
+
 def predict(trainer: Trainer, config: Config, template: Template, media: Any = None) -> dict[str, float]:
     """Generate, write generated_predictions.jsonl and predict_results.json; return the predict_ metrics (the main
     process returns them all, the others only the speed)."""
@@ -129,11 +134,13 @@ def predict(trainer: Trainer, config: Config, template: Template, media: Any = N
     # Every N-th of the sorted prompts: each process gets as many prompts, and prompts as long, as the others.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     share = order[args.process_index::args.world_size]
+    # A sharded model needs every process in every generate call: the same number of rows everywhere.
+    padding = [order[-1]] * (math.ceil(len(order) / args.world_size) - len(share))
     rows = [{"input_ids": prompts[i], **{key: columns[key][i] for key in ("images", "videos") if key in columns}}
-            for i in share]
-    replies = generate_replies(trainer.model, tokenizer, rows, generation, batch_size,
+            for i in share + padding]
+    replies = generate_replies(generating_model(trainer), tokenizer, rows, generation, batch_size,
                                show_progress=trainer.is_world_process_zero() and not args.disable_tqdm, media=media)
-    by_row = dict(gather_object(list(zip(share, replies))))
+    by_row = dict(gather_object(list(zip(share, replies[:len(share)]))))
     metrics = speed_metrics("predict", start, num_samples=len(prompts),
                             num_steps=math.ceil(len(prompts) / (batch_size * args.world_size)))
     if not trainer.is_world_process_zero():

@@ -274,9 +274,12 @@ class RewardScorer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
 
-    def models(self) -> list[torch.nn.Module]:
-        """The models scoring runs through (to be placed on the training device)."""
-        return [source.model for source in self.sources if isinstance(source, ModelReward)]
+    def place_models(self, place: Callable[[torch.nn.Module], torch.nn.Module], policy: torch.nn.Module) -> None:
+        """Hand each reward model of its own to `place`, which returns it ready to run beside the policy; a reward
+        adapter on the policy's own base moves with the policy."""
+        for source in self.sources:
+            if isinstance(source, ModelReward) and source.model.pretrained_model is not policy:
+                source.model = place(source.model)
 
     def __call__(self, rollout: Rollout, answer_ids: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
         texts = decode(self.tokenizer, rollout, answer_ids, self.skip_special_tokens)

@@ -30,11 +30,13 @@ How a run proceeds (`RolloutTrainer.train`):
   updates exactly on-policy.
 * checkpoint-N and the final output_dir hold what `rollout_checkpoint.py` lists; `resume_from_checkpoint` continues
   a run where it stopped, prompts and random numbers included.
-* The config keys the loop cannot honour (greedy or beam decoding, `streaming`, `save_strategy: best`, DeepSpeed and
-  FSDP) are refused when the config loads (`config/rules.py`).
-* One code path for 1..N processes: accelerate wraps the trained model in DDP (the optimizer and scheduler come from
-  the training arguments, as the Trainer's do); generation, scoring and the reference run on each process's own
-  rollouts.
+* The config keys the loop cannot honour (greedy or beam decoding, `streaming`, `save_strategy: best`, FSDP) are
+  refused when the config loads (`config/rules.py`).
+* One code path for 1..N processes: accelerate wraps the trained model in DDP, or in a DeepSpeed engine when the
+  config names `deepspeed` (the optimizer and scheduler come from the training arguments, as the Trainer's do);
+  generation, scoring and the reference run on each process's own rollouts. Under ZeRO-3 every model is sharded:
+  the policy generates with its layers gathered as they run (all processes step together, transformers'
+  `synced_gpus`), and the reference and a separate reward model run in inference engines of their own.
 """
 
 import logging
@@ -56,6 +58,7 @@ from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.model.generation import generation_config
 from tunelab.training.callbacks import TrainerLogCallback
+from tunelab.training.engines import describe_engine, place_frozen_model
 from tunelab.training.rewards import RewardScorer, build_reward_scorer, reward_functions
 from tunelab.training.rollout_checkpoint import RolloutCheckpoints
 from tunelab.training.rollout_types import PromptStream, Rollout, completion_logprobs, evaluating, generate
@@ -84,6 +87,7 @@ class RolloutTrainer(RolloutCheckpoints):
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=precision, cpu=args.use_cpu,
+            deepspeed_plugin=args.deepspeed_plugin,
             # Frozen weights never get gradients; with unused-parameter search DDP would look for them every step.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
         self.micro_batch = args.per_device_train_batch_size * self.completions_per_prompt
@@ -98,16 +102,21 @@ class RolloutTrainer(RolloutCheckpoints):
         # weight_decay also reaches biases and norms (the default, 0, makes no difference).
         optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         optimizer = optimizer_class([{"params": trainable, "weight_decay": args.weight_decay}], **optimizer_kwargs)
+        if args.deepspeed_plugin is not None:
+            # The file's "auto" sizes that depend on the model and the run's length.
+            args.hf_deepspeed_config.trainer_config_finalize(args, model, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The schedule counts rounds; it is stepped once per round, so accelerate does not wrap it.
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=args.get_warmup_steps(self.total_steps),
                                        num_training_steps=self.total_steps,
                                        scheduler_specific_kwargs=args.lr_scheduler_kwargs)
-        for frozen in (reference, *scorer.models()):
-            # Quantized models were loaded onto their device and cannot move.
-            if frozen is not None and not any(getattr(m, "is_quantized", False) for m in frozen.modules()):
-                frozen.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1 or args.deepspeed_plugin is not None:
+            if self.accelerator.is_main_process:
+                logger.info("%s", describe_engine(self.model, self.accelerator.num_processes))
+        if reference is not None:
+            self.reference = place_frozen_model(reference, args)
+        scorer.place_models(lambda frozen: place_frozen_model(frozen, args), policy)
 
         main = self.accelerator.is_main_process
         self.state = TrainerState(max_steps=self.total_steps, train_batch_size=args.per_device_train_batch_size,

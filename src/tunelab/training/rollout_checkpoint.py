@@ -1,8 +1,8 @@
 """Saving and resuming the rollout loop, and its final outputs; `RolloutTrainer` (`rollout.py`) inherits them.
 
 * checkpoint-N holds the policy as it saves itself (adapter or full weights, value_head.safetensors for ppo), the
-  tokenizer, optimizer.pt, scheduler.pt, rng_state_<rank>.pth, trainer_state.json and stage_state.json (ppo's KL
-  coefficient and score statistics).
+  tokenizer, optimizer.pt (under DeepSpeed instead a `deepspeed/` folder: each process's partitions), scheduler.pt,
+  rng_state_<rank>.pth, trainer_state.json and stage_state.json (ppo's KL coefficient and score statistics).
 * At the end output_dir gets the policy and tokenizer, trainer_state.json, train_results.json and all_results.json,
   and with `plot_loss` the curves.
 
@@ -28,24 +28,36 @@ from tunelab.training.plotting import plot_metrics
 logger = logging.getLogger(__name__)
 
 STAGE_STATE = "stage_state.json"
+#: the folder in checkpoint-N where a DeepSpeed engine writes its partitions
+DEEPSPEED_TAG = "deepspeed"
 
 
 class RolloutCheckpoints:
     """Checkpoints, resuming from one, and the run's final files, for `RolloutTrainer`."""
 
     def _save_model(self, folder: Path) -> None:
+        """Every process calls it: under DeepSpeed ZeRO-3 each holds pieces of the weights, gathered here so that the
+        main process writes whole ones."""
+        deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        state_dict = self.accelerator.get_state_dict(self.model) if deepspeed else None
+        if not self.accelerator.is_main_process:
+            return
         model = self.accelerator.unwrap_model(self.model)
         # Only the trained adapter: a reward adapter beside it (reward_model_type: lora) belongs to the rm run.
         kwargs = {"selected_adapters": [self.policy.active_adapter]} if hasattr(self.policy, "peft_config") else {}
-        model.save_pretrained(folder, **kwargs)
+        model.save_pretrained(folder, state_dict=state_dict, **kwargs)
         self.tokenizer.save_pretrained(folder)
 
     def _save_checkpoint(self) -> None:
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        self._save_model(folder)
+        if not self.args.save_only_model and self.accelerator.state.deepspeed_plugin is not None:
+            # The engine's own format: each process writes its partition of the optimizer state (and weights).
+            self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if self.accelerator.is_main_process:
-            self._save_model(folder)
             if not self.args.save_only_model:
-                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                if self.accelerator.state.deepspeed_plugin is None:
+                    torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
             self.state.save_to_json(str(folder / "trainer_state.json"))
             (folder / STAGE_STATE).write_text(json.dumps(self.state_dict()), encoding="utf-8")
@@ -57,25 +69,20 @@ class RolloutCheckpoints:
         logger.info("saved %s", folder)
 
     def _load_checkpoint(self, folder: Path) -> None:
-        if not (folder / "optimizer.pt").is_file():
-            raise ConfigError(f"checkpoint {folder} has no optimizer state (was it saved with `save_only_model`?): "
-                              f"it cannot be resumed")
-        if hasattr(self.policy, "peft_config"):
-            from peft import set_peft_model_state_dict
-
-            weights = load_file(folder / "adapter_model.safetensors")
-            result = set_peft_model_state_dict(self.policy, weights, adapter_name=self.policy.active_adapter)
+        deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        if not (folder / DEEPSPEED_TAG if deepspeed else folder / "optimizer.pt").exists():
+            raise ConfigError(f"checkpoint {folder} has no {'DeepSpeed ' if deepspeed else ''}optimizer state (was it "
+                              f"saved with `save_only_model`{'' if deepspeed else ', or under DeepSpeed'}?): it cannot "
+                              f"be resumed")
+        if deepspeed:
+            # Weights (value head included) and optimizer partitions, each process its own.
+            loaded, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ConfigError(f"`resume_from_checkpoint`: DeepSpeed could not read {folder / DEEPSPEED_TAG}")
         else:
-            weights = {k: v for path in sorted(folder.glob("model*.safetensors")) for k, v in load_file(path).items()}
-            # Not strict: a tied output head is saved once, under the embeddings' name.
-            result = self.policy.load_state_dict(weights, strict=False)
-        if not weights or result.unexpected_keys:
-            raise ConfigError(f"`resume_from_checkpoint`: the weights in {folder} do not fit this model "
-                              f"(unexpected: {', '.join(result.unexpected_keys[:5]) if weights else 'no weights'})")
-        model = self.accelerator.unwrap_model(self.model)
-        if isinstance(model, ValueHeadModel):
-            model.load_value_head(folder)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+            self._load_weights(folder)
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         saved = TrainerState.load_from_json(str(folder / "trainer_state.json"))
         self.state.global_step, self.state.epoch = saved.global_step, saved.epoch
@@ -94,6 +101,24 @@ class RolloutCheckpoints:
                            "random numbers", folder, rng_path.name)
         logger.info("resumed from %s at step %d", folder, self.state.global_step)
 
+    def _load_weights(self, folder: Path) -> None:
+        """The policy's weights (adapter or whole model) and the value head, as `_save_model` wrote them."""
+        if hasattr(self.policy, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            weights = load_file(folder / "adapter_model.safetensors")
+            result = set_peft_model_state_dict(self.policy, weights, adapter_name=self.policy.active_adapter)
+        else:
+            weights = {k: v for path in sorted(folder.glob("model*.safetensors")) for k, v in load_file(path).items()}
+            # Not strict: a tied output head is saved once, under the embeddings' name.
+            result = self.policy.load_state_dict(weights, strict=False)
+        if not weights or result.unexpected_keys:
+            raise ConfigError(f"`resume_from_checkpoint`: the weights in {folder} do not fit this model "
+                              f"(unexpected: {', '.join(result.unexpected_keys[:5]) if weights else 'no weights'})")
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, ValueHeadModel):
+            model.load_value_head(folder)
+
     def _finish(self, runtime: float, steps_run: int) -> dict[str, Any]:
         output_dir = Path(self.args.output_dir)
         rows_per_step = self.prompts.per_round * self.completions_per_prompt * self.accelerator.num_processes
@@ -107,8 +132,8 @@ class RolloutCheckpoints:
             "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
         }
         self.accelerator.wait_for_everyone()
+        self._save_model(output_dir)
         if self.accelerator.is_main_process:
-            self._save_model(output_dir)
             self.state.save_to_json(str(output_dir / "trainer_state.json"))
             for name in ("train_results.json", "all_results.json"):
                 (output_dir / name).write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")

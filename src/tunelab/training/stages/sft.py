@@ -17,7 +17,7 @@ from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.moe import enable_router_loss
-from tunelab.training.predict import check_prediction, predict
+from tunelab.training.predict import predict
 from tunelab.training.sft_losses import SFTTrainer
 from tunelab.training.workflow import start_run, train_and_report
 
@@ -25,9 +25,6 @@ from tunelab.training.workflow import start_run, train_and_report
 def run(config: Config) -> dict[str, Any]:
     start = start_run(config)
     args, resume_from, tokenizer, splits = start.args, start.resume_from, start.tokenizer, start.splits
-    if config.do_predict:
-        check_prediction(args)
-
     model = load_model(config, tokenizer, trainable=config.do_train)
     # Training and evaluation never reuse a KV cache; with one, transformers would also let neat-packed samples
     # attend to each other.
