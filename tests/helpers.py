@@ -109,15 +109,16 @@ def train_with_two_processes(config: dict, folder: Path, port: int) -> str:
 
 
 def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], folder: Path, port: int,
-                                               keys: tuple[str, ...], weights: tuple[str, ...]) -> list[dict]:
+                                               keys: tuple[str, ...], weights: tuple[str, ...],
+                                               steps_apart: float = 0.1) -> list[dict]:
     """Train `config_for(output_dir, **overrides)` (batch 2 per device) with 2 processes under torchrun and with 1
     process and gradient accumulation 2: both see the same samples per step, so the logged `keys` and the saved
     `weights` files must be the same. Returns the distributed run's log records.
 
-    Weights to a tenth of the learning rate (a tenth of one Adam step): the all-reduce sums gradients in another
-    order than accumulation does, and for the few entries whose gradient is near zero (rounding noise, which
-    differs by CPU kernel) Adam's division by the root of the second moment turns that noise into steps of up to
-    the learning rate."""
+    Weights to `steps_apart` learning rates (by default a tenth of one Adam step): the all-reduce sums gradients in
+    another order than accumulation does, and for the few entries whose gradient is near zero (rounding noise,
+    which differs by CPU kernel) Adam's division by the root of the second moment turns that noise into steps of
+    up to the learning rate."""
     from safetensors.torch import load_file
 
     import tunelab
@@ -134,7 +135,7 @@ def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], 
         ddp, accumulated = load_file(two / name), load_file(one / name)
         assert ddp.keys() == accumulated.keys()
         for tensor in ddp:
-            torch.testing.assert_close(ddp[tensor], accumulated[tensor], rtol=1e-4, atol=step / 10)
+            torch.testing.assert_close(ddp[tensor], accumulated[tensor], rtol=1e-4, atol=step * steps_apart)
     return records[two]
 
 

@@ -236,5 +236,7 @@ def test_two_processes_train_as_one_with_accumulation(tiny_model_dir, tmp_path, 
     records = assert_two_processes_train_as_accumulation(
         lambda out, **more: run_config(tiny_model_dir, out, max_steps=4, per_device_train_batch_size=2,
                                        save_steps=100, **keys, **more),
-        tmp_path, port, keys=("loss",), weights=(weights,))
+        # torch's Muon orthogonalises the momentum in bfloat16: a rounding difference in its input can move an
+        # entry's update by a share of the step that float32 sums never reach.
+        tmp_path, port, keys=("loss",), weights=(weights,), steps_apart=0.5 if "use_muon" in keys else 0.1)
     assert records[-1]["loss"] < records[0]["loss"]
