@@ -140,7 +140,7 @@ def assert_two_processes_train_as_accumulation(config_for: Callable[..., dict], 
 
 
 #: The file a run saves its trained weights in, per method.
-WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors", "freeze": "model.safetensors"}
 
 
 def engine_config(model_dir: Path, out: Path, method: str, **more) -> dict:
@@ -150,14 +150,15 @@ def engine_config(model_dir: Path, out: Path, method: str, **more) -> dict:
                                          "learning_rate": 1e-2 if method == "lora" else 1e-3, **more})
 
 
-def assert_same_training(sharded: Path, whole: Path, method: str, rel: float = 1e-5, atol: float = 1e-5) -> None:
+def assert_same_training(sharded: Path, whole: Path, method: str, rel: float = 1e-5, atol: float = 1e-5,
+                         logged: tuple[str, ...] = ("loss", "grad_norm")) -> None:
     """Two runs of `engine_config` logged the same losses and gradient norms at every step and saved the same
     weights (same names: nothing trained that the other left alone)."""
     from safetensors.torch import load_file
 
     records = {run: [r for r in read_log(run) if "loss" in r] for run in (sharded, whole)}
     assert [r["current_steps"] for r in records[sharded]] == [1, 2, 3, 4]
-    for key in ("loss", "grad_norm"):
+    for key in logged:
         assert [r[key] for r in records[sharded]] == pytest.approx([r[key] for r in records[whole]], rel=rel)
     got, expected = load_file(sharded / WEIGHTS[method]), load_file(whole / WEIGHTS[method])
     assert got.keys() == expected.keys()

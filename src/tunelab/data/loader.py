@@ -23,7 +23,6 @@ folder of the user's instead: read when it exists (then `dataset` is not read at
 """
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -127,10 +126,7 @@ def _cached_build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: A
     key = cache_key(config, kind=kind, packing=packing, specs=specs, tokenizer=tokenizer, template=template,
                     media=media)
     folder = cache_folder(config, key)
-    # Under torchrun the main process of each node tokenizes while the others wait (training/workflow.py): with
-    # `overwrite_cache` only it rebuilds, and they read what it has just written.
-    rebuild = config.overwrite_cache and os.environ.get("LOCAL_RANK", "0") == "0"
-    saved = None if rebuild else load_saved(folder)
+    saved = None if config.overwrite_cache else load_saved(folder)
     if saved is not None:
         logger.info("loaded tokenized data from cache %s", folder)
         return DatasetSplits(saved.train, saved.eval, _reports(saved.meta))

@@ -1,5 +1,6 @@
 """Dispatch a validated config to its stage module."""
 
+import gc
 import importlib
 import logging
 from typing import Any
@@ -29,6 +30,8 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        # Work objects still referenced (and the tensors they hold) go now, while the interpreter can free them.
+        gc.collect()
 
 
 def setup_logging() -> None:

@@ -2,7 +2,7 @@
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
@@ -43,7 +43,9 @@ def start_run(config: Config) -> RunStart:
     template = prepare_template(config, tokenizer)
     media = load_media_processor(config, tokenizer)
     with args.main_process_first(desc="tokenizing the datasets"):
-        splits = load_datasets(config, tokenizer, template, media=media)
+        # The others read what the main process of their node has just written, `overwrite_cache` or not.
+        reading = replace(config, overwrite_cache=False) if args.local_process_index else config
+        splits = load_datasets(reading, tokenizer, template, media=media)
     return RunStart(args, resume_from, tokenizer, template, splits, media)
 
 
