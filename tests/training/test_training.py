@@ -41,7 +41,11 @@ def test_lora_sft_writes_llamafactory_outputs(tiny_model_dir, tmp_path):
         assert (out / name).exists(), name
     records = read_log(out)
     assert LOG_FIELDS <= set(records[0]), records[0]
-    assert any("eval_loss" in r for r in records)
+    # Evaluated at steps 12 and 24, and not a third time after training: the weights of step 24 are the final ones.
+    assert [r["current_steps"] for r in records if "eval_loss" in r] == [12, 24]
+    last_eval = next(r for r in reversed(json.loads((out / "trainer_state.json").read_text())["log_history"])
+                     if "eval_loss" in r)
+    assert json.loads((out / "eval_results.json").read_text())["eval_runtime"] == last_eval["eval_runtime"]
     assert records[-1]["current_steps"] == 24 and records[-1]["percentage"] == 100.0
     results = json.loads((out / "all_results.json").read_text())
     for key in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second",

@@ -1,15 +1,32 @@
-"""Log-probabilities of given tokens under a causal LM's logits: what every preference and RL loss is built from.
+"""Log-probabilities of given tokens under a causal LM: what every preference and RL loss is built from.
 
     per_token = token_logprobs(logits, labels)           # [batch, seq]: log p(label_t | tokens < t), 0 where masked
     total, count = sequence_logprobs(logits, labels)      # [batch] sums over the trained tokens, and their counts
+    scored = reply_logprobs(model, rows)                  # the same sums without the [tokens, vocabulary] logits
 
 `labels` are aligned with the inputs, as the data layer emits them (-100 where nothing is scored); the shift by one
 position (logits at t predict the token at t + 1) happens here and nowhere else.
+
+Memory: a model's logits are [batch, tokens, vocabulary] floats, with Qwen's 151,936-word vocabulary the largest
+tensors of a step by far (and again as their gradient). `reply_logprobs` lets the forward stop at the final hidden
+states and applies the output head only at the scored positions, a few dozen at a time, computing each chunk's
+logits again in the backward pass instead of keeping them: memory no longer grows with the vocabulary.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, NamedTuple
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.processing import IGNORE_INDEX
+
+#: Float32 logits a chunk may hold (32 MiB): 55 positions at a time with a 152k vocabulary.
+CHUNK_ELEMENTS = 2**23
+#: Config fields of families whose logits are more than head(hidden) (soft-capped, scaled): they keep whole logits.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,3 +52,99 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     """(sum of the label log-probabilities, number of labelled tokens) per sequence."""
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
     return token_logprobs(logits, labels).sum(dim=-1), counts
+
+
+def mean_reply_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean logit (over the vocabulary) at the positions that predict a reply token."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    per_position = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
+    return (per_position * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+
+
+class ReplyLogprobs(NamedTuple):
+    """Per row: the summed log-probabilities of the labelled tokens, their number, and the mean logit (over the
+    vocabulary, detached) at the positions that predict them."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    mean_logits: torch.Tensor
+
+
+def reply_logprobs(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> ReplyLogprobs:
+    """The rows' labels scored by `model` (wrapped by DDP or DeepSpeed, peft or not); every input but the labels goes
+    in (a vision-language model's pixel values, grids and token types too), without a KV cache."""
+    inputs = {name: value for name, value in rows.items() if name != "labels"}
+    labels = rows["labels"]
+    with hidden_states_out(model) as head:
+        output = model(**inputs, use_cache=False).logits
+    if head is None:
+        sums, counts = sequence_logprobs(output, labels)
+        return ReplyLogprobs(sums, counts, mean_reply_logits(output, labels))
+    return head_logprobs(output, head, labels)
+
+
+class _HiddenStatesThrough(torch.nn.Module):
+    """Stands in for the output head during a forward and returns the hidden states. The head stays its child, so
+    its parameters stay where DDP and ZeRO-3 registered them, and it runs later on the positions that matter."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextmanager
+def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module | None]:
+    """Inside, the model's forward gives its final hidden states as `.logits`; yields the output head. Yields None
+    and changes nothing for a model whose logits are more than head(hidden), which has no `lm_head`, or whose head
+    is sharded (DeepSpeed ZeRO-3, FSDP)."""
+    causal_lm = model
+    while hasattr(causal_lm, "module"):   # DDP, a DeepSpeed engine
+        causal_lm = causal_lm.module
+    if hasattr(causal_lm, "get_base_model"):   # peft
+        causal_lm = causal_lm.get_base_model()
+    text_config = causal_lm.config.get_text_config()
+    head = getattr(causal_lm, "lm_head", None)
+    if (head is None or any(getattr(text_config, name, None) for name in LOGIT_TRANSFORMS)
+            or any(_sharded(param) for param in head.parameters())):
+        yield None
+        return
+    causal_lm.lm_head = _HiddenStatesThrough(head)
+    try:
+        yield head
+    finally:
+        causal_lm.lm_head = head
+
+
+def _sharded(param: torch.nn.Parameter) -> bool:
+    """A head sharded by ZeRO-3 (`ds_id`) or FSDP (a DTensor) is whole only inside the engine's forward, not when
+    its chunks are recomputed in the backward pass: such a model keeps whole logits."""
+    return hasattr(param, "ds_id") or hasattr(param, "to_local")
+
+
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> ReplyLogprobs:
+    """`ReplyLogprobs` from final hidden states [batch, tokens, hidden] and the output head, which runs only at the
+    positions that predict a label, CHUNK_ELEMENTS logits at a time, each chunk recomputed in the backward pass."""
+    targets = labels[:, 1:]
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    picked_hidden, picked_targets = hidden[:, :-1][rows, columns], targets[rows, columns]
+    size = max(1, CHUNK_ELEMENTS // getattr(head, "out_features", 2**17))
+    score = partial(_score_chunk, head)
+    pieces = [checkpoint(score, picked_hidden[start:start + size], picked_targets[start:start + size],
+                         use_reentrant=False) for start in range(0, len(picked_targets), size)]
+    logprobs = torch.cat([p[0] for p in pieces]) if pieces else picked_hidden.sum(-1).float()
+    means = torch.cat([p[1] for p in pieces]) if pieces else logprobs.detach()
+    batch = labels.shape[0]
+    counts = torch.zeros(batch, dtype=torch.long, device=labels.device).index_add_(0, rows, torch.ones_like(rows))
+    sums = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, logprobs)
+    mean_logits = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, means)
+    return ReplyLogprobs(sums, counts, mean_logits / counts.clamp(min=1))
+
+
+def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[Any, Any]:
+    weight_dtype = next(head.parameters()).dtype
+    logits = head(hidden.to(weight_dtype)).float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1), logits.detach().mean(dim=-1)

@@ -80,7 +80,7 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
             for path in plot_metrics(config.output_dir, plot_keys):
                 logger.info("Saved %s", path)
     if trainer.args.do_eval and trainer.eval_dataset is not None:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
+        metrics = last_step_evaluation(trainer) or trainer.evaluate(metric_key_prefix="eval")
         # Perplexity is exp of the next-token cross-entropy; the other stages' losses, and the SFT variants that
         # weight each token (DFT, EAFT, ASFT), are not one.
         if "eval_loss" in metrics and STAGE_SPECS[config.stage].next_token_loss and not config.sft_loss_variant:
@@ -89,3 +89,13 @@ def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
     return results
+
+
+def last_step_evaluation(trainer: Trainer) -> dict[str, float] | None:
+    """The metrics of the evaluation the Trainer ran after the last step, when it ran one (`eval_steps` divides the
+    run): the weights have not changed since, so evaluating again would repeat a whole pass over the set for the same
+    numbers. None otherwise, and with `load_best_model_at_end` (the weights now are the best step's)."""
+    last = next((record for record in reversed(trainer.state.log_history) if "eval_loss" in record), None)
+    if last is None or last["step"] != trainer.state.global_step or trainer.args.load_best_model_at_end:
+        return None
+    return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}

@@ -29,12 +29,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 from tunelab.config import Config
 from tunelab.config.schema import REFERENCE_LOSSES
 from tunelab.data import DataCollator, DatasetSplits, PairwiseCollator
-from tunelab.data.processing import IGNORE_INDEX
 from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.engines import place_frozen_model
-from tunelab.training.logprobs import sequence_logprobs
+from tunelab.training.logprobs import reply_logprobs
 from tunelab.training.metrics_trainer import MetricsTrainer
 from tunelab.training.preference_losses import (AVERAGED_LOSSES, dpo_hinge_loss, dpo_sigmoid_loss, ipo_loss,
                                                 orpo_loss, simpo_loss)
@@ -47,20 +46,6 @@ LOSSES = {"sigmoid": dpo_sigmoid_loss, "hinge": dpo_hinge_loss, "ipo": ipo_loss,
           "simpo": simpo_loss}
 PLOT_KEYS = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "labels")
-
-
-def logits_of(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for the rows; every input but the labels goes in (a vision-language model's pixel values,
-    grids and token types too)."""
-    # No KV cache: a frozen reference is loaded for inference, where transformers would otherwise build one.
-    return model(**{name: value for name, value in rows.items() if name != "labels"}, use_cache=False).logits
-
-
-def mean_reply_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the mean logit (over the vocabulary) at the positions that predict a reply token."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    per_position = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
-    return (per_position * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
 
 
 class PreferenceTrainer(MetricsTrainer):
@@ -90,7 +75,7 @@ class PreferenceTrainer(MetricsTrainer):
     def reference_logprobs(self, model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed log-probs of the rows' labels under the reference model."""
         if self.reference is not None:
-            return sequence_logprobs(logits_of(self.reference, rows), rows["labels"])[0]
+            return reply_logprobs(self.reference, rows).sums
         from peft import PeftModel
 
         policy = self.accelerator.unwrap_model(model)
@@ -98,7 +83,7 @@ class PreferenceTrainer(MetricsTrainer):
         # the starting point, hence its own reference.
         adapter_off = policy.disable_adapter() if isinstance(policy, PeftModel) else nullcontext()
         with adapter_off:
-            return sequence_logprobs(logits_of(policy, rows), rows["labels"])[0]
+            return reply_logprobs(policy, rows).sums
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
@@ -125,8 +110,7 @@ class DPOTrainer(PreferenceTrainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
-        logits = logits_of(model, inputs)
-        sums, counts = sequence_logprobs(logits, inputs["labels"])
+        sums, counts, mean_logits = reply_logprobs(model, inputs)
         counts = counts.clamp(min=1)
         averages = sums / counts
         policy = averages if self.averaged else sums
@@ -141,7 +125,7 @@ class DPOTrainer(PreferenceTrainer):
 
         rewards_chosen, rewards_rejected = (self.beta * scores.detach()).chunk(2)
         logps_chosen, logps_rejected = policy.detach().chunk(2)
-        logits_chosen, logits_rejected = mean_reply_logits(logits, inputs["labels"]).chunk(2)
+        logits_chosen, logits_rejected = mean_logits.chunk(2)
         self.record({"rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
                      "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
                      "rewards/margins": rewards_chosen - rewards_rejected,

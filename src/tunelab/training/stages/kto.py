@@ -20,10 +20,9 @@ import torch
 
 from tunelab.config import Config
 from tunelab.training.callbacks import TrainerLogCallback
-from tunelab.training.logprobs import sequence_logprobs
+from tunelab.training.logprobs import reply_logprobs
 from tunelab.training.preference_losses import kto_loss
-from tunelab.training.stages.dpo import (SEQUENCE_COLUMNS, PreferenceTrainer, logits_of,
-                                         mean_reply_logits, prepare_run)
+from tunelab.training.stages.dpo import SEQUENCE_COLUMNS, PreferenceTrainer, prepare_run
 from tunelab.training.workflow import train_and_report
 
 PLOT_KEYS = ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
@@ -45,13 +44,11 @@ class KTOTrainer(PreferenceTrainer):
         kl_pairs = {name: inputs[f"kl_{name}"] for name in SEQUENCE_COLUMNS}
         desirable = inputs["kto_tags"].bool()
 
-        logits = logits_of(model, samples)
-        logps, counts = sequence_logprobs(logits, samples["labels"])
+        logps, counts, mean_logits = reply_logprobs(model, samples)
         with torch.no_grad():
             # The KL estimate is a reference point, not trained through: no gradients, and the model outside any
             # DDP wrapper (a forward through DDP prepares gradient synchronisation).
-            policy_kl = sequence_logprobs(logits_of(self.accelerator.unwrap_model(model), kl_pairs),
-                                          kl_pairs["labels"])[0]
+            policy_kl = reply_logprobs(self.accelerator.unwrap_model(model), kl_pairs).sums
             kl = self.accelerator.reduce((policy_kl - self.reference_logprobs(model, kl_pairs)).mean(),
                                          reduction="mean")
         logratios = logps - self.reference_logprobs(model, samples)
@@ -62,7 +59,7 @@ class KTOTrainer(PreferenceTrainer):
         self.record({"kl": kl.clamp(min=0),
                      **self._group_metrics(desirable, {"rewards": self.beta * logratios.detach(),
                                                        "logps": logps.detach(),
-                                                       "logits": mean_reply_logits(logits, samples["labels"])})})
+                                                       "logits": mean_logits})})
         loss = losses.mean()
         return (loss, {"loss": loss}) if return_outputs else loss
 
