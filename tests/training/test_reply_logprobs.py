@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tunelab.data.processing import IGNORE_INDEX
-from tunelab.training.logprobs import hidden_states_out, mean_reply_logits, reply_logprobs, sequence_logprobs
+from tunelab.training.logprobs import (head_token_logprobs, hidden_states_out, mean_reply_logits, reply_logprobs,
+                                       sequence_logprobs, token_logprobs)
 
 QWEN_VOCAB = 151_936
 
@@ -79,3 +80,29 @@ def test_soft_capped_logits_keep_the_whole_logits_path():
         assert head is None
     batch = rows(1000)
     torch.testing.assert_close(reply_logprobs(model, batch).sums, scored_with_whole_logits(model, batch)[0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_per_token_logprobs_from_the_head_equal_whole_logits(temperature):
+    """ppo and grpo score completions per token at the sampling temperature: `head_token_logprobs` gives
+    token_logprobs(logits / temperature) with the same gradients."""
+    model = get_peft_model(tiny_llama(False), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = rows(QWEN_VOCAB)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    weights = torch.randn(batch["labels"].shape, generator=torch.Generator().manual_seed(1))
+
+    def whole():
+        return token_logprobs(model(**inputs, use_cache=False).logits / temperature, batch["labels"])
+
+    def chunked():
+        with hidden_states_out(model) as head:
+            hidden = model(**inputs, use_cache=False).logits
+        return head_token_logprobs(hidden, head, batch["labels"], temperature)
+
+    torch.testing.assert_close(chunked(), whole(), rtol=1e-5, atol=1e-5)
+    expected = gradients(model, lambda: ((whole() * weights).sum(dim=1),))
+    got = gradients(model, lambda: ((chunked() * weights).sum(dim=1),))
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)

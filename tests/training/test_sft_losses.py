@@ -16,7 +16,9 @@ import tunelab
 from tunelab.config.load import load_config
 from tunelab.data import load_datasets, prepare_template
 from tunelab.model import load_tokenizer
+from tunelab.training.chunked_loss import token_losses
 from tunelab.training.moe import enable_router_loss, router_loss_coef
+from tunelab.training.sft_losses import dft_weights, eaft_weights, trained_positions
 from helpers import assert_two_processes_train_as_accumulation, losses, read_log, run_config
 
 #: Four identity samples, trained as one batch of 4 per step and also used as the evaluation set, so the first
@@ -105,12 +107,12 @@ def test_each_variant_is_its_formula_in_training_and_evaluation(variant, tiny_mo
 def test_token_weights_scale_the_gradient_without_being_trained():
     """The weights are constants: d(loss)/d(logits) at a trained position is weight x (softmax - one_hot) / N. A
     weight left in the graph would add its own gradient (for DFT: the gradient of -p log p instead of -p)."""
-    from tunelab.training.sft_losses import dft_loss, eaft_loss
-
     torch.manual_seed(0)
     logits = (3 * torch.randn(2, 5, 30, dtype=torch.float64)).requires_grad_()
     labels = torch.tensor([[-100, 4, 7, -100, 2], [-100, -100, 1, 9, 3]])
-    for name, loss in {"dft": dft_loss(logits, labels), "eaft": eaft_loss(logits, labels, alpha=EAFT_ALPHA)}.items():
+    for name, weigh in {"dft": dft_weights, "eaft": eaft_weights(EAFT_ALPHA)}.items():
+        token_logits, targets = trained_positions(logits, labels)
+        loss = token_losses(token_logits, targets, weigh)[0].mean()
         (grad,) = torch.autograd.grad(loss, logits)
         expected = torch.zeros_like(logits)
         trained = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
@@ -121,6 +123,39 @@ def test_token_weights_scale_the_gradient_without_being_trained():
             weight = torch.exp(-ce) if name == "dft" else (-(top20 * top20.log()).sum() / 3.0) ** EAFT_ALPHA
             expected[b, t] = weight * (p - torch.nn.functional.one_hot(labels[b, t + 1], 30)) / len(trained)
         torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("variant", ["ce", "dft", "eaft", "asft"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_loss_equals_whole_logits(variant, bias, monkeypatch):
+    """The chunked head (gradients written out by hand, 3 positions per chunk) gives the loss, KL and gradients of
+    autograd through whole logits, for the hidden states, the head's weight and bias."""
+    from tunelab.training import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 3 * 50)
+    weigh = {"ce": None, "dft": dft_weights, "eaft": eaft_weights(EAFT_ALPHA), "asft": dft_weights}[variant]
+    alpha = ASFT_ALPHA if variant == "asft" else 0.0
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    reference_head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    reference_hidden = torch.randn(11, 16)
+    targets = torch.randint(0, 50, (11,))
+    reference = (reference_hidden, reference_head) if variant == "asft" else None
+
+    total, kl = chunked_loss.head_cross_entropy(hidden, head, targets, weigh, reference, alpha)
+    chunked_grads = torch.autograd.grad(2.5 * total, [hidden, *head.parameters()])
+    losses, kls = token_losses(head(hidden), targets, weigh, reference_head(reference_hidden) if reference else None,
+                               alpha)
+    whole_grads = torch.autograd.grad(2.5 * losses.sum(), [hidden, *head.parameters()])
+    torch.testing.assert_close(total, losses.sum())
+    torch.testing.assert_close(kl, kls.sum())
+    assert (kl > 0) == (variant == "asft")
+    for chunked, whole in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(chunked, whole)
+    with torch.no_grad():   # evaluation: the same value
+        torch.testing.assert_close(chunked_loss.head_cross_entropy(hidden, head, targets, weigh, reference, alpha)[0],
+                                   losses.sum())
 
 
 def test_dft_with_gradient_accumulation_trains_as_the_bigger_batch(tiny_model_dir, tmp_path):

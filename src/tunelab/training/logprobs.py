@@ -3,6 +3,9 @@
     per_token = token_logprobs(logits, labels)           # [batch, seq]: log p(label_t | tokens < t), 0 where masked
     total, count = sequence_logprobs(logits, labels)      # [batch] sums over the trained tokens, and their counts
     scored = reply_logprobs(model, rows)                  # the same sums without the [tokens, vocabulary] logits
+    with hidden_states_out(model) as head:                # ppo, grpo: per token, at the sampling temperature
+        hidden = model(**inputs).logits
+    per_token = head_token_logprobs(hidden, head, labels, temperature)
 
 `labels` are aligned with the inputs, as the data layer emits them (-100 where nothing is scored); the shift by one
 position (logits at t predict the token at t + 1) happens here and nowhere else.
@@ -103,6 +106,7 @@ def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module | None
     causal_lm = model
     while hasattr(causal_lm, "module"):   # DDP, a DeepSpeed engine
         causal_lm = causal_lm.module
+    causal_lm = getattr(causal_lm, "pretrained_model", causal_lm)   # ppo's ValueHeadModel
     if hasattr(causal_lm, "get_base_model"):   # peft
         causal_lm = causal_lm.get_base_model()
     text_config = causal_lm.config.get_text_config()
@@ -127,15 +131,7 @@ def _sharded(param: torch.nn.Parameter) -> bool:
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> ReplyLogprobs:
     """`ReplyLogprobs` from final hidden states [batch, tokens, hidden] and the output head, which runs only at the
     positions that predict a label, CHUNK_ELEMENTS logits at a time, each chunk recomputed in the backward pass."""
-    targets = labels[:, 1:]
-    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    picked_hidden, picked_targets = hidden[:, :-1][rows, columns], targets[rows, columns]
-    size = max(1, CHUNK_ELEMENTS // getattr(head, "out_features", 2**17))
-    score = partial(_score_chunk, head)
-    pieces = [checkpoint(score, picked_hidden[start:start + size], picked_targets[start:start + size],
-                         use_reentrant=False) for start in range(0, len(picked_targets), size)]
-    logprobs = torch.cat([p[0] for p in pieces]) if pieces else picked_hidden.sum(-1).float()
-    means = torch.cat([p[1] for p in pieces]) if pieces else logprobs.detach()
+    rows, _, logprobs, means = _scored_positions(hidden, head, labels)
     batch = labels.shape[0]
     counts = torch.zeros(batch, dtype=torch.long, device=labels.device).index_add_(0, rows, torch.ones_like(rows))
     sums = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, logprobs)
@@ -143,8 +139,35 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     return ReplyLogprobs(sums, counts, mean_logits / counts.clamp(min=1))
 
 
-def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[Any, Any]:
+def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """`token_logprobs` (of logits / temperature) from final hidden states and the output head, as head_logprobs
+    computes them."""
+    rows, columns, logprobs, _ = _scored_positions(hidden, head, labels, temperature)
+    per_token = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    return per_token.index_put((rows, columns + 1), logprobs)
+
+
+def _scored_positions(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column) of each position that predicts a label, its label's log-probability and its mean logit."""
+    targets = labels[:, 1:]
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    picked_hidden, picked_targets = hidden[:, :-1][rows, columns], targets[rows, columns]
+    size = max(1, CHUNK_ELEMENTS // getattr(head, "out_features", 2**17))
+    score = partial(_score_chunk, head, temperature)
+    pieces = [checkpoint(score, picked_hidden[start:start + size], picked_targets[start:start + size],
+                         use_reentrant=False) for start in range(0, len(picked_targets), size)]
+    logprobs = torch.cat([p[0] for p in pieces]) if pieces else picked_hidden.sum(-1).float()
+    means = torch.cat([p[1] for p in pieces]) if pieces else logprobs.detach()
+    return rows, columns, logprobs, means
+
+
+def _score_chunk(head: torch.nn.Module, temperature: float, hidden: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[Any, Any]:
     weight_dtype = next(head.parameters()).dtype
     logits = head(hidden.to(weight_dtype)).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1), logits.detach().mean(dim=-1)

@@ -60,6 +60,7 @@ from tunelab.model.generation import generation_config
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.engines import describe_engine, place_frozen_model
 from tunelab.training.rewards import RewardScorer, build_reward_scorer, reward_functions
+from tunelab.training.logprobs import hidden_states_out
 from tunelab.training.rollout_checkpoint import RolloutCheckpoints
 from tunelab.training.rollout_types import PromptStream, Rollout, completion_logprobs, evaluating, generate
 from tunelab.training.workflow import start_run
@@ -155,9 +156,12 @@ class RolloutTrainer(RolloutCheckpoints):
         return model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                      position_ids=rollout.position_ids, logits_to_keep=rollout.completion_ids.shape[1] + 1, **kwargs)
 
-    def logprobs(self, logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-        """Completion log-probabilities under the sampling distribution (`temperature` applied)."""
-        return completion_logprobs(logits, rollout, self.config.temperature)
+    def forward_logprobs(self, model: torch.nn.Module, rollout: Rollout, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """Completion log-probabilities under the sampling distribution (`temperature` applied), and the forward's
+        outputs. The output head runs after the forward, on a few completion positions at a time."""
+        with hidden_states_out(model) as head:
+            out = self.forward(model, rollout, **kwargs)
+        return completion_logprobs(out.logits, rollout, self.config.temperature, head), out
 
     def micro_batches(self, rollout: Rollout) -> Iterator[Rollout]:
         for start in range(0, len(rollout), self.micro_batch):
@@ -167,8 +171,7 @@ class RolloutTrainer(RolloutCheckpoints):
     def no_grad_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
         """Completion log-probabilities under `model` (unwrapped), a micro-batch at a time."""
         with self.accelerator.autocast():
-            return torch.cat([self.logprobs(self.forward(model, part).logits, part)
-                              for part in self.micro_batches(rollout)])
+            return torch.cat([self.forward_logprobs(model, part)[0] for part in self.micro_batches(rollout)])
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Completion log-probabilities under the reference: its own model, or the policy with its adapter off."""

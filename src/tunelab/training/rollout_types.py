@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from transformers import GenerationConfig, PreTrainedModel
 
 from tunelab.data.processing import IGNORE_INDEX
-from tunelab.training.logprobs import token_logprobs
+from tunelab.training.logprobs import head_token_logprobs, token_logprobs
 
 
 @dataclass
@@ -89,19 +89,25 @@ def generate(policy: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: tor
     return Rollout(prompt_ids, prompt_mask, completion_ids[:, :width], mask[:, :width])
 
 
-def completion_logprobs(logits: torch.Tensor, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+def completion_logprobs(states: torch.Tensor, rollout: Rollout, temperature: float = 1.0,
+                        head: torch.nn.Module | None = None) -> torch.Tensor:
     """[N, C] log p of each completion token, 0 past each completion's end.
 
-    `logits` are a model's output for `rollout.input_ids`, or only its last C + 1 positions (`logits_to_keep`).
-    With the sampling `temperature` they are the log-probabilities of the distribution the tokens were drawn from.
+    `states` are a model's logits for `rollout.input_ids`, or only its last C + 1 positions (`logits_to_keep`); or,
+    with the model's output `head`, its final hidden states there (`logprobs.hidden_states_out`), scored a chunk of
+    positions at a time. With the sampling `temperature` they are the log-probabilities of the distribution the
+    tokens were drawn from.
     """
     width = rollout.completion_ids.shape[1]
-    if temperature != 1.0:
-        logits = logits[:, -(width + 1):] / temperature
+    states = states[:, -(width + 1):]
     labels = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, IGNORE_INDEX)
-    # token_logprobs takes the log-probability of labels[t] from logits[t - 1]: lead with the last prompt position.
+    # The log-probability of labels[t] comes from position t - 1: lead with the last prompt position.
     labels = F.pad(labels, (1, 0), value=IGNORE_INDEX)
-    return token_logprobs(logits[:, -(width + 1):], labels)[:, 1:]
+    if head is not None:
+        return head_token_logprobs(states, head, labels, temperature)[:, 1:]
+    if temperature != 1.0:
+        states = states / temperature
+    return token_logprobs(states, labels)[:, 1:]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -66,7 +66,7 @@ class GRPOTrainer(RolloutTrainer):
         return tensors, metrics
 
     def loss(self, rollout: Rollout, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logprobs = self.logprobs(self.forward(self.model, rollout).logits, rollout)
+        logprobs = self.forward_logprobs(self.model, rollout)[0]
         mask = rollout.completion_mask.float()
         ratio = torch.exp(logprobs - tensors.get("old_logprobs", logprobs.detach()))
         clipped_ratio = ratio.clamp(1 - self.config.grpo_epsilon, 1 + self.config.grpo_epsilon)

@@ -110,8 +110,8 @@ class PPOTrainer(RolloutTrainer):
         logprobs, values = [], []
         with self.accelerator.autocast():
             for part in self.micro_batches(rollout):
-                out = self.forward(model, part, return_logits=True)
-                logprobs.append(self.logprobs(out.logits, part))
+                part_logprobs, out = self.forward_logprobs(model, part, return_logits=True)
+                logprobs.append(part_logprobs)
                 values.append(self.completion_values(out.values, part))
         logprobs, values = torch.cat(logprobs), torch.cat(values)
         mask = rollout.completion_mask.float()
@@ -135,8 +135,7 @@ class PPOTrainer(RolloutTrainer):
         return tensors, metrics
 
     def loss(self, rollout: Rollout, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.forward(self.model, rollout, return_logits=True)
-        logprobs = self.logprobs(out.logits, rollout)
+        logprobs, out = self.forward_logprobs(self.model, rollout, return_logits=True)
         values = self.completion_values(out.values, rollout)
         mask = rollout.completion_mask.float()
 
