@@ -8,8 +8,6 @@ Expected replies come from the engine's own greedy decoding, which test_infer.py
 import asyncio
 import json
 import shutil
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,17 +18,16 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 
 import tunelab  # noqa: E402
-from tunelab.api.app import ApiSettings, EngineQueue, create_app  # noqa: E402
+from tunelab.api.app import EngineQueue  # noqa: E402
 from tunelab.api.protocol import APIError  # noqa: E402
 from tunelab.config import load_config  # noqa: E402
 from tunelab.infer.backends import build_engine  # noqa: E402
 from tunelab.infer.hf_engine import OpenAIPenalties  # noqa: E402
 from helpers import REPO  # noqa: E402
+from live_server import KEY, serve  # noqa: E402
 
-KEY = "test-key"
 QUESTION = [{"role": "user", "content": "Who are you?"}]
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                                  "parameters": {"type": "object",
@@ -38,40 +35,6 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
 CALLS = [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]
 TOOL_QUESTION = "Weather in Oslo and Rome?"
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-
-
-class Server:
-    """A real uvicorn server on a free local port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, key: str = KEY) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def serve(engine, **settings) -> Server:
-    return Server(create_app(engine, ApiSettings(model_name="tiny", api_key=KEY, **settings)))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return build_engine(load_config({"model_name_or_path": str(tiny_model_dir), "template": "qwen",
-                                     "do_sample": False, "max_new_tokens": 16}))
 
 
 @pytest.fixture(scope="module")

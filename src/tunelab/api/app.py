@@ -9,7 +9,8 @@ reward-model scores, and a health check, on one engine.
 The engine runs one request at a time. Requests that arrive meanwhile wait their turn in arrival order; when
 `max_waiting` are already waiting, one more is refused with 429 and Retry-After, so an overload is answered, never a
 crash. Every error has OpenAI's shape and status: 400 a bad request (validation errors name the field, e.g.
-`messages.0.role`), 401 a missing or wrong API key, 404 an unknown model, 429 a full queue, 500 a failure of ours.
+`messages.0.role`), 401 a missing or wrong API key, 404 an unknown model, 408 a body not received in time, 413 a body
+too large (limits.py), 429 a full queue, 500 a failure of ours.
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from tunelab.api.limits import BodyLimits, check_unicode
 from tunelab.api.protocol import (APIError, ChatCompletionRequest, ChunkWriter, ScoreRequest, calls_of,
                                   completion_body, engine_messages, engine_tools, error_body, generation_settings,
                                   new_id, tool_calls_body)
@@ -45,6 +47,8 @@ class ApiSettings:
     api_key: str | None = None      # when set, clients must send `Authorization: Bearer <api_key>`
     max_waiting: int = 16           # requests that may wait for the engine; one more gets 429
     media_dir: Path | None = None   # the folder whose files file:// image and video URLs may name
+    max_body_bytes: int = 8 * 2**20  # a larger request body gets 413 (images come base64-encoded in the body)
+    body_timeout: float = 30.0      # seconds a request body may take to arrive whole; then 408
 
 
 class EngineQueue:
@@ -199,6 +203,7 @@ def create_app(engine: Engine, settings: ApiSettings) -> FastAPI:
     service = ChatService(engine, settings)
     app = FastAPI(title="tunelab API", summary="OpenAI-compatible chat completions")
     _add_error_handlers(app)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
 
     async def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -221,10 +226,12 @@ def create_app(engine: Engine, settings: ApiSettings) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        check_unicode(await request.json())
         return await service.chat(request, body)
 
     @v1.post("/score/evaluation")
-    async def score_evaluation(body: ScoreRequest) -> dict[str, Any]:
+    async def score_evaluation(request: Request, body: ScoreRequest) -> dict[str, Any]:
+        check_unicode(await request.json())
         return await service.score(body)
 
     @app.get("/health")
@@ -273,6 +280,9 @@ def _param(problem: dict) -> str:
 
 
 def _message(problem: dict) -> str:
+    if problem["loc"] == ("body",) and problem["type"] in ("missing", "model_attributes_type"):
+        # empty, not an object, or not sent as JSON (FastAPI then validates the bytes)
+        return "the body must be a JSON object, sent with Content-Type: application/json"
     if problem["type"] == "extra_forbidden":
         return "unsupported parameter (tunelab does not implement it)"
     if problem["type"] == "value_error":

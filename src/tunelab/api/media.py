@@ -3,7 +3,8 @@ engine takes, under the rule that the server reads nothing a client merely names
 
     image = media_from_url(url, "image", media_dir)    # a PIL image (data URL) or a checked local path (file://)
 
-- `data:image/...;base64,...` (what OpenAI's clients send for a local picture): decoded in memory and checked whole;
+- `data:image/...;base64,...` (what OpenAI's clients send for a local picture): decoded in memory and checked whole,
+  and refused when it holds more pixels than PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS);
 - `file:///path`: only when the server was started with API_MEDIA_DIR and the path, symbolic links resolved, lies
   inside that folder (a client naming /etc/passwd gets 400, not a probe of the server's files);
 - anything else (http(s) URLs, bare paths): refused; tunelab's server fetches nothing from the network.
@@ -48,10 +49,17 @@ def _image_from_data_url(url: str) -> Any:
     except (binascii.Error, ValueError):
         raise MediaURLError("the data URL's payload is not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        image = Image.open(io.BytesIO(data))   # the header only
+        # A few hundred kB of PNG can hold a 10,000 x 10,000 image: PIL's bomb limit refuses it before it is decoded
+        # (PIL itself only warns up to twice that limit).
+        oversized = Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS
+        if not oversized:
+            image.load()
     except Exception as err:  # PIL raises many types for data that is no image, or a damaged one
         raise MediaURLError(f"the data URL holds no image PIL can decode ({err})") from None
+    if oversized:
+        raise MediaURLError(f"the image is {image.width} x {image.height} pixels, more than the "
+                            f"{Image.MAX_IMAGE_PIXELS:,} PIL decodes (PIL.Image.MAX_IMAGE_PIXELS)")
     return image
 
 

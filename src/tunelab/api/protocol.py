@@ -14,7 +14,7 @@ is refused by name rather than ignored. `null` counts as not given, which is how
                               server's API_MEDIA_DIR) and `video_url` parts (file:// only), see media.py
     max_completion_tokens     the reply's token limit (`max_tokens`, its older name, when it is absent); default:
                               the config's max_new_tokens
-    temperature               0 to 2; 0 decodes greedily; absent: the config's do_sample and temperature
+    temperature               0 to 2; below 1e-5 decodes greedily; absent: the config's do_sample and temperature
     top_p, stop, n            as OpenAI's; `n` replies also when streaming (the choices stream one after another)
     presence_penalty,         -2 to 2, OpenAI's additive penalties on the logits of tokens the reply already used
     frequency_penalty         (once per used token, and per use); the prompt does not count
@@ -252,8 +252,9 @@ def generation_settings(request: ChatCompletionRequest) -> dict[str, Any]:
     """The engine settings a request gives; what it leaves out keeps the config's value."""
     settings: dict[str, Any] = {}
     if request.temperature is not None:
-        settings["do_sample"] = request.temperature > 0
-        if request.temperature > 0:
+        # Sampling at a temperature this close to 0 divides the logits into infinities (vLLM draws the line there too).
+        settings["do_sample"] = request.temperature >= 1e-5
+        if settings["do_sample"]:
             settings["temperature"] = request.temperature
     if request.top_p is not None:
         settings["top_p"] = request.top_p
