@@ -26,7 +26,8 @@ share an entry. It holds:
 
 Where: `cache_dir/tunelab/datasets` when `cache_dir` is set, else `$TUNELAB_CACHE/datasets`, else
 `~/.cache/tunelab/datasets`. One entry per key; `overwrite_cache` replaces it. Entries are never removed by tunelab:
-delete the folder to reclaim the space (a `.*.tmp` folder there is what a killed run was writing).
+delete the folder to reclaim the space (a `.*.tmp` folder there is what a killed run was writing). A save that does
+not fit on the disk is refused with the space it needs (`disk.room_for`, which checkpoints and exports use too).
 """
 
 import hashlib
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import tunelab
+from tunelab.data.disk import room_for
 
 #: Config keys that change which rows there are or their tokens. The processors read cutoff_len, train_on_prompt and
 #: mask_history; the rest choose, convert, mix, split and pack the rows. Batch size and workers are in because pt
@@ -160,19 +162,22 @@ def save_splits(folder: Path, train: Any, evaluation: Any, meta: dict[str, Any],
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        parts = {name: data for name, data in (("train", train), ("validation", evaluation)) if data is not None}
-        DatasetDict(parts).save_to_disk(str(staging))
-        (staging / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-        if key is not None:
-            (staging / KEY_FILE).write_text(json.dumps(key, ensure_ascii=False, indent=1, default=str))
-        if folder.exists():
-            retired = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
-            folder.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    parts = {name: data for name, data in (("train", train), ("validation", evaluation)) if data is not None}
+    needed = sum(data.data.nbytes for data in parts.values())
+    then = "Free some space, or set `cache_dir` to a folder with more room, and run again."
+    with room_for(folder.parent, "the tokenized data", needed, then):
+        try:
+            DatasetDict(parts).save_to_disk(str(staging))
+            (staging / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1))
+            if key is not None:
+                (staging / KEY_FILE).write_text(json.dumps(key, ensure_ascii=False, indent=1, default=str))
+            if folder.exists():
+                retired = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
+                folder.rename(retired)
+                shutil.rmtree(retired, ignore_errors=True)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_saved(folder: Path) -> SavedSplits | None:

@@ -17,13 +17,17 @@
 * `tunelab_export.json`, which marks the folder as an export, so a later export may replace it.
 
 Every mistake the config can hold is refused before any weights load. An `export_dir` holding other files is never
-written to; replacing an earlier export removes only the files that export wrote. With `export_hub_model_id` the
-folder is pushed to the hub once it is complete.
+written to; replacing an earlier export removes only the files that export wrote. The export is written to a
+temporary folder beside `export_dir` and moved into place only once complete, so a stopped or failed export leaves
+the earlier one (and the user's files) as they were; one that does not fit on the disk is refused with the space it
+needs. With `export_hub_model_id` the folder is pushed to the hub once it is complete.
 """
 
 import json
 import logging
+import os
 import shutil
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING
 from tunelab import __version__
 from tunelab.config import Config, ConfigError
 from tunelab.data import prepare_template
+from tunelab.data.disk import room_for, tensor_bytes
 from tunelab.data.template import modelfile
 from tunelab.model.generation import generation_config
 from tunelab.model.loader import hub_kwargs, load_model, load_tokenizer, resolve_source
@@ -71,20 +76,30 @@ def _export(config: Config, max_shard_size: str) -> Path:
     model = _merged_model(config, tokenizer)
     model.generation_config = generation_config(config, tokenizer, stops)
 
-    kept = _clear_earlier_export(export_dir)
-    _write_marker(export_dir, config, kept=kept, files=None)
-    model.save_pretrained(export_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(export_dir)
-    processor_files = copy_processor_files(config, export_dir)
+    earlier, kept = _earlier_export(export_dir)
+    # Beside export_dir, so that it is renamed into place; inside it when export_dir is a mount point or a link, whose
+    # parent may be another filesystem (and renaming a link would not replace what it points to).
+    swappable = not export_dir.is_mount() and not export_dir.is_symlink()
+    staging = (export_dir.parent if swappable else export_dir) / f".{export_dir.name}.{uuid.uuid4().hex}.tmp"
+    then = (f"{export_dir} was not changed: free some space, or choose another `export_dir`, and export again "
+            f"(an earlier export there is replaced only once the new one is complete).")
+    with room_for(staging.parent, "the export", tensor_bytes(model.state_dict().values()), then):
+        try:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+            tokenizer.save_pretrained(staging)
+            processor_files = copy_processor_files(config, staging)
+            (staging / "Modelfile").write_text(ollama, encoding="utf-8")
+            if head_folder is not None:
+                shutil.copyfile(head_folder / VALUE_HEAD_FILE, staging / VALUE_HEAD_FILE)
+            written = sorted(p.name for p in staging.iterdir())
+            _write_marker(staging, config, kept=kept, files=written)
+            _move_into_place(staging, export_dir, earlier, kept, swap=swappable and not kept)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     if is_vision_language(model.config) and "preprocessor_config.json" not in processor_files:
         logger.warning("%s reads images, but neither the base model nor the adapter folder has a "
                        "preprocessor_config.json to copy: add the base model's to %s before serving it",
                        type(model).__name__, export_dir)
-    (export_dir / "Modelfile").write_text(ollama, encoding="utf-8")
-    if head_folder is not None:
-        shutil.copyfile(head_folder / VALUE_HEAD_FILE, export_dir / VALUE_HEAD_FILE)
-    written = sorted({p.name for p in export_dir.iterdir()} - set(kept) - {MARKER})
-    _write_marker(export_dir, config, kept=kept, files=written)
     logger.info("exported %s to %s (%s)", type(model).__name__, export_dir, ", ".join(written))
 
     if config.export_hub_model_id:
@@ -160,25 +175,47 @@ def _own_dtype(config: Config) -> "torch.dtype":
     return dtype or torch.float32
 
 
-def _clear_earlier_export(export_dir: Path) -> list[str]:
-    """Remove what an earlier export wrote; return the names of the other files there, which stay."""
+def _earlier_export(export_dir: Path) -> tuple[list[str], list[str]]:
+    """The names of the files an earlier export in export_dir wrote, and of the other files there, which stay."""
     marker = export_dir / MARKER
     if not marker.is_file():
-        export_dir.mkdir(parents=True, exist_ok=True)
-        return []
+        return [], []
     earlier = json.loads(marker.read_text(encoding="utf-8"))
-    kept = earlier.get("kept", [])
-    present = {p.name for p in export_dir.iterdir()}
+    present = {p.name for p in export_dir.iterdir()} - {MARKER}
     # An export that stopped halfway never listed its files: everything but the files kept then is its own.
-    ours = earlier["files"] if earlier.get("files") is not None else present - set(kept)
-    for name in set(ours) & present:
-        path = export_dir / Path(name).name  # a name only, never a path out of the folder
-        if path.is_dir():
-            shutil.rmtree(path)
+    ours = earlier["files"] if earlier.get("files") is not None else present - set(earlier.get("kept", []))
+    # Names only, never paths out of the folder.
+    ours = {Path(name).name for name in ours} & present
+    return sorted(ours), sorted(present - ours)
+
+
+def _move_into_place(staging: Path, export_dir: Path, earlier: list[str], kept: list[str], swap: bool) -> None:
+    """Replace export_dir by the complete export in `staging`. With `swap` (a folder of exported files only) it is
+    swapped whole, by two renames: a kill between them leaves both folders, hidden, beside it. Otherwise the files
+    move in one by one, each whole, and the marker, moved last, says until then that the export is unfinished, so
+    that the next export clears it."""
+    if swap:
+        if export_dir.exists():
+            retired = export_dir.with_name(f".{export_dir.name}.{uuid.uuid4().hex}.old")
+            export_dir.rename(retired)
+            staging.rename(export_dir)
+            shutil.rmtree(retired, ignore_errors=True)
         else:
-            path.unlink()
-    logger.info("replacing the earlier export in %s", export_dir)
-    return sorted(p.name for p in export_dir.iterdir() if p.name != MARKER)
+            staging.rename(export_dir)
+        return
+    clashes = sorted(set(kept) & {p.name for p in staging.iterdir()})
+    if clashes:
+        raise ConfigError(f"`export_dir` {export_dir}: the export would overwrite {', '.join(clashes)}, which it did "
+                          f"not write; move them away or choose another `export_dir`")
+    unfinished = staging / f"{MARKER}.unfinished"
+    record = json.loads((staging / MARKER).read_text(encoding="utf-8"))
+    unfinished.write_text(json.dumps({**record, "files": None}, indent=2) + "\n", encoding="utf-8")
+    os.replace(unfinished, export_dir / MARKER)
+    for name in earlier:
+        path = export_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == MARKER):
+        os.replace(path, export_dir / path.name)
 
 
 def _write_marker(export_dir: Path, config: Config, kept: list[str], files: list[str] | None) -> None:

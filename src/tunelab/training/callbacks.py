@@ -1,6 +1,8 @@
 """Trainer callbacks that write what LLaMA-Factory users and tools read: `trainer_log.jsonl`, one line per log step."""
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -13,8 +15,9 @@ class TrainerLogCallback(TrainerCallback):
     """Appends `{current_steps, total_steps, loss, eval_loss, lr, epoch, percentage, elapsed_time, remaining_time,
     throughput, total_tokens}` to output_dir/trainer_log.jsonl on every log, from the main process only.
 
-    On resume, lines past the resumed step (written after the checkpoint was taken) are dropped first, so the file
-    reads as one uninterrupted run.
+    On resume, lines past the resumed step (written after the checkpoint was taken) are dropped first, with a last
+    line cut short by a kill, so the file reads as one uninterrupted run. The shortened file replaces the old one
+    whole, so a kill while shortening it loses nothing.
     """
 
     def __init__(self) -> None:
@@ -64,9 +67,18 @@ class TrainerLogCallback(TrainerCallback):
         if step == 0:
             path.unlink()
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("current_steps", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+        shortened = path.with_name(f".{path.name}.tmp")
+        shortened.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(shortened, path)
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; infinite for one cut short by a kill (always the last one, past the checkpoint)."""
+    try:
+        return json.loads(line).get("current_steps", 0)
+    except ValueError:
+        return math.inf
 
 
 def _clock(seconds: float) -> str:

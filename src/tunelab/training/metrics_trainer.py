@@ -3,15 +3,17 @@
 A stage's `compute_loss` calls `self.record({"rewards/chosen": tensor, ...})` on every batch; each log line then
 carries the mean of every metric over the batches since the previous line, averaged over all processes. Batches
 seen in evaluation are logged with the `eval_` prefix, in the evaluation's own line and in eval_results.json.
+Its checkpoints are saved as `checkpoints.py` says: complete or not counted, and a full disk reported in one line.
 """
 
 from collections import defaultdict
 
 import torch
-from transformers import Trainer
+
+from tunelab.training.checkpoints import CheckpointingTrainer
 
 
-class MetricsTrainer(Trainer):
+class MetricsTrainer(CheckpointingTrainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # split ("train" or "eval") -> metric name -> one value per batch since the last log line.

@@ -2,7 +2,8 @@
 
 * checkpoint-N holds the policy as it saves itself (adapter or full weights, value_head.safetensors for ppo), the
   tokenizer, optimizer.pt (under DeepSpeed instead a `deepspeed/` folder: each process's partitions), scheduler.pt,
-  rng_state_<rank>.pth, trainer_state.json and stage_state.json (ppo's KL coefficient and score statistics).
+  rng_state_<rank>.pth, stage_state.json (ppo's KL coefficient and score statistics) and, written last to mark it
+  complete, trainer_state.json (`checkpoints.py`).
 * At the end output_dir gets the policy and tokenizer, trainer_state.json, train_results.json and all_results.json,
   and with `plot_loss` the curves.
 
@@ -23,6 +24,8 @@ from transformers import TrainerState
 
 from tunelab.config import ConfigError
 from tunelab.model.value_head import ValueHeadModel
+from tunelab.training.checkpoints import saving_checkpoint, saving_final_weights
+from tunelab.training.output_dir import TRAINER_STATE
 from tunelab.training.plotting import plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -50,22 +53,26 @@ class RolloutCheckpoints:
 
     def _save_checkpoint(self) -> None:
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        self._save_model(folder)
-        if not self.args.save_only_model and self.accelerator.state.deepspeed_plugin is not None:
-            # The engine's own format: each process writes its partition of the optimizer state (and weights).
-            self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-        if self.accelerator.is_main_process:
-            if not self.args.save_only_model:
-                if self.accelerator.state.deepspeed_plugin is None:
-                    torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-            self.state.save_to_json(str(folder / "trainer_state.json"))
-            (folder / STAGE_STATE).write_text(json.dumps(self.state_dict()), encoding="utf-8")
-        self.accelerator.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, folder / f"rng_state_{self.accelerator.process_index}.pth")
-        self.accelerator.wait_for_everyone()
+        main = self.accelerator.is_main_process
+        with saving_checkpoint(folder, main, self.accelerator.wait_for_everyone,
+                               self.accelerator.unwrap_model(self.model), self.optimizer):
+            self._save_model(folder)
+            if not self.args.save_only_model and self.accelerator.state.deepspeed_plugin is not None:
+                # The engine's own format: each process writes its partition of the optimizer state (and weights).
+                self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+            if main:
+                if not self.args.save_only_model:
+                    if self.accelerator.state.deepspeed_plugin is None:
+                        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                    torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+                (folder / STAGE_STATE).write_text(json.dumps(self.state_dict()), encoding="utf-8")
+            self.accelerator.wait_for_everyone()
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            torch.save(rng, folder / f"rng_state_{self.accelerator.process_index}.pth")
+            self.accelerator.wait_for_everyone()
+            if main:   # last, once every process has written its part: it marks the checkpoint complete
+                self.state.save_to_json(str(folder / TRAINER_STATE))
         logger.info("saved %s", folder)
 
     def _load_checkpoint(self, folder: Path) -> None:
@@ -84,7 +91,7 @@ class RolloutCheckpoints:
             self._load_weights(folder)
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        saved = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+        saved = TrainerState.load_from_json(str(folder / TRAINER_STATE))
         self.state.global_step, self.state.epoch = saved.global_step, saved.epoch
         self.state.log_history, self.state.num_input_tokens_seen = saved.log_history, saved.num_input_tokens_seen
         self.load_state_dict(json.loads((folder / STAGE_STATE).read_text(encoding="utf-8")))
@@ -132,9 +139,10 @@ class RolloutCheckpoints:
             "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
         }
         self.accelerator.wait_for_everyone()
-        self._save_model(output_dir)
+        with saving_final_weights(output_dir, self.accelerator.unwrap_model(self.model)):
+            self._save_model(output_dir)
         if self.accelerator.is_main_process:
-            self.state.save_to_json(str(output_dir / "trainer_state.json"))
+            self.state.save_to_json(str(output_dir / TRAINER_STATE))
             for name in ("train_results.json", "all_results.json"):
                 (output_dir / name).write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
             if self.config.plot_loss:

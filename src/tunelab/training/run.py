@@ -1,5 +1,6 @@
 """Dispatch a validated config to its stage module."""
 
+import errno
 import gc
 import importlib
 import logging
@@ -7,6 +8,7 @@ from typing import Any
 
 from tunelab.config import Config
 from tunelab.config.stages import STAGE_SPECS
+from tunelab.data.disk import NoSpaceError
 
 
 def stage_module(stage: str) -> Any:
@@ -16,7 +18,16 @@ def stage_module(stage: str) -> Any:
 
 def run_training(config: Config) -> dict[str, Any]:
     setup_logging()
-    results = stage_module(config.stage).run(config)
+    try:
+        results = stage_module(config.stage).run(config)
+    except OSError as err:
+        # The large saves report a full disk with the space they need (`checkpoints.py`, `data/cache.py`); this
+        # catches the small files between them: the log, trainer_state.json, the results, the plots.
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NoSpaceError(f"no space left to write {err.filename or 'a file'}: free some space and run the same "
+                           f"command again (it resumes from the last complete checkpoint in {config.output_dir})"
+                           ) from err
     _leave_process_group()
     return results
 
