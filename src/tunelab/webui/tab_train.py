@@ -12,7 +12,7 @@ import yaml
 from tunelab.config import ConfigError
 from tunelab.config.load import read_config_file
 from tunelab.config.stages import STAGE_SPECS
-from tunelab.training.output_dir import FINISHED_MARKER, RUN_CONFIG, last_checkpoint
+from tunelab.training.output_dir import RUN_CONFIG, last_checkpoint, run_finished
 from tunelab.webui import models
 from tunelab.webui.board import REFRESH_SECONDS, Board, progress_html, sections_of, status_markdown
 from tunelab.webui.fields import TRAIN_HEAD_KEYS, widgets_from_config
@@ -111,12 +111,14 @@ def build(board: Board) -> None:
                 return f"⚠ {err}"
             if not (folder / RUN_CONFIG).exists():
                 return f"⚠ `output_dir` {folder} holds no run started from the board ({RUN_CONFIG})"
-            if (folder / FINISHED_MARKER).exists():
+            if run_finished(folder):
                 return f"⚠ the run in {folder} has finished; there is nothing to resume"
-            if last_checkpoint(folder) is None:
-                return f"⚠ the run in {folder} saved no checkpoint yet; start it again with `overwrite_output_dir`"
+            checkpoint = last_checkpoint(folder)
             refusal = board.start("train", folder, ["train", str(folder / RUN_CONFIG)])
-            return f"⚠ {refusal}" if refusal else f"resuming from {last_checkpoint(folder).name}"
+            if refusal:
+                return f"⚠ {refusal}"
+            # Without a complete checkpoint `tunelab train` starts the run over by itself.
+            return f"resuming from {checkpoint.name}" if checkpoint else "no checkpoint was saved yet: starting over"
 
         def on_abort() -> str:
             if board.job is None or not board.job.is_running():
