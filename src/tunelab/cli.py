@@ -29,6 +29,9 @@ commands:
                    Without CONFIG the keys alone are the config, as LLaMA-Factory's command line takes them:
                    tunelab train --stage sft --model_name_or_path M --dataset D --output_dir OUT --do_train
                    (every command taking CONFIG takes the keys alone too)
+  train CONFIG --dry-run
+                   build the run and time a few of its steps, keeping nothing: parameters, the memory of a step
+                   (weights, gradients, optimizer state, activations, logits) and the time per step and of the run
   data preview CONFIG [-n N] [key=value ...]
                    show N tokenized samples with their trained tokens highlighted, and statistics
                    per dataset (kept and skipped samples, lengths, truncation), without loading weights
@@ -92,10 +95,15 @@ def load_config_args(args: list[str]) -> "Config":
 
 
 def cmd_train(args: list[str]) -> int:
+    # A flag, not a config key: taken out before the keys are read, so it never swallows the word after it.
+    dry_run = "--dry-run" in args
+    args = [arg for arg in args if arg != "--dry-run"]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: tunelab train [CONFIG] [key=value | --key value ...]\n"
+        print("usage: tunelab train [CONFIG] [key=value | --key value ...] [--dry-run]\n"
               "Keys and their defaults: `tunelab help keys`. Example: tunelab train examples/quickstart.yaml\n"
-              "Without a file: tunelab train --stage sft --model_name_or_path M --dataset D --output_dir OUT ...")
+              "Without a file: tunelab train --stage sft --model_name_or_path M --dataset D --output_dir OUT ...\n"
+              "--dry-run: build the run and time a few of its steps, then report parameters, the memory of a step\n"
+              "and the time per step and of the run; nothing is saved and output_dir is left alone")
         return 0
     config = load_config_args(args)
     from tunelab.data import resolve_datasets
@@ -103,6 +111,12 @@ def cmd_train(args: list[str]) -> int:
     # Dataset names and files are checked now, before torch loads, so a typo costs a moment rather than a minute.
     resolve_datasets(config.dataset, config.dataset_dir, config.stage)
     resolve_datasets(config.eval_dataset, config.dataset_dir, config.stage)
+    if dry_run:
+        from tunelab.training.dry_run import dry_run as measure
+
+        # One process, never torchrun: the report says how many the run would start.
+        print(measure(config))
+        return 0
     from tunelab.training.launch import relaunch_under_torchrun_if_needed
 
     if relaunch_under_torchrun_if_needed(["train", *args]):
@@ -208,7 +222,7 @@ def cmd_chat(args: list[str]) -> int:
 MODEL_COMMANDS = {
     "api": ("tunelab.api", "run_api", "Serve the model through an OpenAI-compatible API. Environment: API_HOST "
                                       "(127.0.0.1), API_PORT (8000), API_KEY, API_MODEL_NAME, API_MAX_WAITING, "
-                                      "API_MEDIA_DIR."),
+                                      "API_MEDIA_DIR, API_MAX_BODY_MB (8), API_BODY_TIMEOUT (30 s)."),
     "webchat": ("tunelab.webui.chat", "run_webchat", "A chat page for the model in the browser (gradio). "
                                                      "Environment: GRADIO_SERVER_NAME (127.0.0.1), GRADIO_SERVER_PORT "
                                                      "(7860)."),
