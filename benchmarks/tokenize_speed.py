@@ -1,27 +1,39 @@
-"""Tokenizing and masking speed: 50,000 alpaca-style samples, the Qwen2.5 tokenizer, `template: qwen`, stage sft,
-cutoff_len 1024. Results and the method are in benchmarks/README.md.
+"""Tokenizing speed: tunelab's whole data step against the tokenizer alone on the same texts and the same cores, and
+against LLaMA-Factory. 50,000 alpaca-style samples, the Qwen2.5 tokenizer, `template: qwen`, stage sft, cutoff_len
+1024. Results and the method are in benchmarks/README.md.
 
-    .venv/bin/python benchmarks/tokenize_speed.py                       # tunelab with 1 and 2 workers
+    .venv/bin/python benchmarks/tokenize_speed.py                       # on 1 core and on every core, best of 3
     .venv/bin/python benchmarks/tokenize_speed.py --samples 5000 --repeat 1    # a quick look
-    .venv/bin/python benchmarks/tokenize_speed.py --llamafactory /tmp/lfvenv/bin/python   # and LLaMA-Factory
+    .venv/bin/python benchmarks/tokenize_speed.py --llamafactory /tmp/lfvenv/bin/python   # LLaMA-Factory's venv
+    .venv/bin/python benchmarks/tokenize_speed.py --sizes 2000,5000,10000,20000,50000    # where workers pay off
 
-Each measurement runs in a fresh process and times the whole data step of a training run from a cold cache (a new
-`cache_dir`, so neither `datasets` nor tunelab has anything cached): read the json file, convert, validate,
-tokenize, mask, and for tunelab also measure and save the cache entry. The rate is samples per second of that wall
-time, the best of `--repeat` runs (the least disturbed by anything else on the machine). A tunelab row also times
-the same config once more in the same process: the warm cache.
+Each measurement runs in a fresh process pinned to the cores of its row (its CPU affinity, which the tokenizer's
+threads and tunelab's default worker count both follow), with TOKENIZERS_PARALLELISM unset, as a user runs it. Rows
+per core count:
 
-Rows differ in one thing each: the worker count (`preprocessing_num_workers`), or TOKENIZERS_PARALLELISM. With
-`false`, N workers use N cores. With `true` (the library's default when a process has not forked), one batched
-`encode_batch` call spreads its texts over every core from a single worker.
+* tokenizer alone (the ceiling): the Rust tokenizer's batch call (`encode_batch`, 1000 texts per call, as the data
+  step calls it) on exactly the texts the template renders (rendered before the timing), ids and character spans,
+  with the tokenizer's threads on those cores. No data step tokenizes these texts faster there. The same call without
+  spans (`encode_batch_fast`, ids only) is shown beside it: the data step needs the spans to cut prompts from replies.
+* tunelab, defaults: the whole data step of a training run from a cold cache (a new `cache_dir`, so neither
+  `datasets` nor tunelab has anything cached): read the json, convert, validate, tokenize, mask, measure and save
+  the cache entry (`load_datasets`), `preprocessing_num_workers` unset. Its share of the tokenizer-alone rate is the
+  figure of issue 15 (goal: 85%). The same config once more in the same process times the warm cache.
+* tunelab, the other use of several cores: one worker per core when the default keeps one process, one process
+  (the tokenizer's threads) when the default starts workers.
+* tunelab's processors alone on converted rows, in batches of 1000 (tokenizing and masking without `datasets`).
+* LLaMA-Factory (`--llamafactory`, or /tmp/lfvenv/bin/python when it exists): `llamafactory.data.get_dataset`, one
+  process and one worker per core. It runs in its own virtual environment (it pins other versions of transformers
+  and datasets); this same file runs there as the child process. LLaMA-Factory 0.9.5 imports torchaudio at import
+  time, for which no build matches the CPU torch here; the text path never calls it, so the child gets an empty
+  `torchaudio` module on its path (a folder this script writes into its temp dir).
 
-LLaMA-Factory runs in its own virtual environment (it pins other versions of transformers and datasets); this same
-file runs there as the child process, and times `llamafactory.data.get_dataset`. LLaMA-Factory 0.9.5 imports
-torchaudio at import time, for which no build matches the CPU torch here; the text path never calls it, so the child
-gets an empty `torchaudio` module on its path (a folder this script writes into its temp dir).
+The rate is samples per second of wall time, the best of `--repeat` runs (the least disturbed by anything else on
+the machine; the load average at the start of each row is printed). `--sizes` instead times tunelab with one process
+and with one worker per core on every core, for each dataset size: where workers start to pay for their start-up
+(tunelab's `workers.ROWS_PER_WORKER`).
 
-The tokenizer comes from ../shared/tokenizers/qwen2.5-instruct (see SOURCES.md there). Run on a quiet machine: two
-busy processes on 2 cores distort every number; the load average is printed with each row.
+The tokenizer comes from ../shared/tokenizers/qwen2.5-instruct (see SOURCES.md there).
 """
 
 import argparse
@@ -34,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,7 +100,8 @@ def make_data(folder: Path, samples: int, seed: int = 0) -> Path:
 
 
 def tunelab_child(data_dir: Path, workers: int, scratch: Path) -> dict:
-    """The data step of a tunelab run, cold then warm, timed in this process."""
+    """The data step of a tunelab run, cold then warm, timed in this process (`workers` 0: the key unset)."""
+    import datasets  # noqa: F401  imported before the clock starts, as the LLaMA-Factory child imports it
     from transformers import AutoTokenizer
 
     from tunelab.config import load_config
@@ -96,7 +110,7 @@ def tunelab_child(data_dir: Path, workers: int, scratch: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = load_config({"model_name_or_path": str(TOKENIZER), "dataset": "bench", "dataset_dir": str(data_dir),
                           "template": "qwen", "cutoff_len": CUTOFF_LEN, "cache_dir": str(scratch / "cache"),
-                          "preprocessing_num_workers": workers})
+                          "preprocessing_num_workers": workers or None})
     template = get_template(config, tokenizer)
     template.prepare_tokenizer(tokenizer)
     times = []
@@ -110,43 +124,49 @@ def tunelab_child(data_dir: Path, workers: int, scratch: Path) -> dict:
                       f"{stats.lengths['p99']}, after the cut), {stats.trained / stats.tokens:.1%} trained"}
 
 
-def processor_child(data_dir: Path, samples: int) -> dict:
-    """The sft processor alone on converted rows, in this process: tokenization and masking without `datasets`."""
+def bench_rows(data_dir: Path) -> tuple[Any, Any, Any, list[list[dict]]]:
+    """The tokenizer, the prepared `qwen` template, its config and the benchmark's conversations."""
     from transformers import AutoTokenizer
 
     from tunelab.config import load_config
     from tunelab.data import get_template
-    from tunelab.data.processing import PROCESSORS
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = load_config({"model_name_or_path": str(TOKENIZER), "template": "qwen", "cutoff_len": CUTOFF_LEN})
     template = get_template(config, tokenizer)
     template.prepare_tokenizer(tokenizer)
-    rows = json.loads((data_dir / "bench.json").read_text())[:samples]
-    conversations = [[{"role": "user", "content": "\n".join(p for p in (r["instruction"], r["input"]) if p)},
-                      {"role": "assistant", "content": r["output"]}] for r in rows]
+    rows = [[{"role": "user", "content": "\n".join(p for p in (r["instruction"], r["input"]) if p)},
+             {"role": "assistant", "content": r["output"]}] for r in json.loads((data_dir / "bench.json").read_text())]
+    return tokenizer, template, config, rows
+
+
+def processor_child(data_dir: Path, workers: int, scratch: Path) -> dict:
+    """The sft processor alone on converted rows, in batches of 1000: tokenizing and masking without `datasets`."""
+    from tunelab.data.processing import PROCESSORS
+
+    tokenizer, template, config, rows = bench_rows(data_dir)
     start = time.perf_counter()
     for i in range(0, len(rows), 1000):
-        part = conversations[i:i + 1000]
+        part = rows[i:i + 1000]
         PROCESSORS["sft"]({"messages": part, "system": [None] * len(part), "tools": [None] * len(part)},
                           tokenizer=tokenizer, template=template, config=config)
     return {"seconds": time.perf_counter() - start, "rows": len(rows)}
 
 
-def tokenizer_alone(data_dir: Path, samples: int) -> dict:
-    """The ceiling: the Rust tokenizer alone on the rendered conversations (the tokenizer's own chat template renders
-    them, outside the timing), in batches of 1000, ids only. No data step can tokenize faster than this per core."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    rows = json.loads((data_dir / "bench.json").read_text())[:samples]
-    texts = tokenizer.apply_chat_template(
-        [[{"role": "user", "content": "\n".join(p for p in (r["instruction"], r["input"]) if p)},
-          {"role": "assistant", "content": r["output"]}] for r in rows], tokenize=False)
-    start = time.perf_counter()
-    for i in range(0, len(texts), 1000):
-        tokenizer(texts[i:i + 1000], add_special_tokens=False)
-    return {"seconds": time.perf_counter() - start, "rows": len(rows)}
+def ceiling_child(data_dir: Path, workers: int, scratch: Path) -> dict:
+    """The tokenizer alone on the texts the template renders (rendered first, untimed), in batches of 1000: with
+    character spans (`encode_batch`, what the data step calls) and ids only (`encode_batch_fast`)."""
+    tokenizer, template, _, rows = bench_rows(data_dir)
+    texts = ["".join(template.render_pieces(tokenizer, messages, None, None)) for messages in rows]
+    backend = tokenizer.backend_tokenizer
+    seconds = {}
+    for call in ("encode_batch", "encode_batch_fast"):
+        encode = getattr(backend, call)
+        start = time.perf_counter()
+        for i in range(0, len(texts), 1000):
+            [encoding.ids for encoding in encode(texts[i:i + 1000], add_special_tokens=False)]
+        seconds[call] = time.perf_counter() - start
+    return {"seconds": seconds["encode_batch"], "fast_seconds": seconds["encode_batch_fast"], "rows": len(texts)}
 
 
 def llamafactory_child(data_dir: Path, workers: int, scratch: Path) -> dict:
@@ -166,66 +186,113 @@ def llamafactory_child(data_dir: Path, workers: int, scratch: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "rows": len(module["train_dataset"])}
 
 
-CHILDREN = {"tunelab": tunelab_child, "llamafactory": llamafactory_child}
+CHILDREN = {"tunelab": tunelab_child, "processors": processor_child, "ceiling": ceiling_child,
+            "llamafactory": llamafactory_child}
 LLAMAFACTORY_STUB = '"""Empty stand-in: LLaMA-Factory imports torchaudio at import time; text data never uses it."""\n'
+LFVENV = Path("/tmp/lfvenv/bin/python")
 
 
-def run_child(python: str, kind: str, data_dir: Path, workers: int, parallelism: str, scratch: Path) -> dict:
-    """One measurement in a fresh process (and a fresh cache folder) with TOKENIZERS_PARALLELISM set."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": parallelism}
+def run_child(python: str, kind: str, data_dir: Path, workers: int, cores: int, scratch: Path) -> dict:
+    """One measurement in a fresh process pinned to the first `cores` cores, with a fresh cache folder."""
+    env = {key: value for key, value in os.environ.items() if key != "TOKENIZERS_PARALLELISM"}
     if kind == "llamafactory":
         stub = scratch / "stub"
         (stub / "torchaudio").mkdir(parents=True, exist_ok=True)
         (stub / "torchaudio" / "__init__.py").write_text(LLAMAFACTORY_STUB)
         env["PYTHONPATH"] = str(stub)
     folder = Path(tempfile.mkdtemp(dir=scratch))
-    out = subprocess.run([python, __file__, "--child", kind, str(data_dir), str(workers), str(folder)], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run([python, __file__, "--child", kind, str(data_dir), str(workers), str(folder), str(cores)],
+                         env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{kind} run failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rate(run: dict) -> float:
+    return run["rows"] / run["seconds"]
+
+
+def in_turns(repeat: int, rows: list[tuple], data_dir: Path, cores: int, scratch: Path) -> tuple[dict, list[float]]:
+    """The fastest of `repeat` runs of each row (python, kind, workers), run in rounds of one run per row so that the
+    load of other processes falls on every row alike; and the load average at the start of each round."""
+    runs: dict[tuple, list[dict]] = {row: [] for row in rows}
+    loads = []
+    for _ in range(repeat):
+        loads.append(os.getloadavg()[0])
+        for python, kind, workers in rows:
+            runs[(python, kind, workers)].append(run_child(python, kind, data_dir, workers, cores, scratch))
+    return {row: min(done, key=lambda run: run["seconds"]) for row, done in runs.items()}, loads
+
+
+def compare(args: argparse.Namespace, data_dir: Path, scratch: Path, cores: int, llamafactory: str | None) -> None:
+    """Every row on the first `cores` cores."""
+    from tunelab.data.workers import ROWS_PER_WORKER
+
+    default_workers = min(cores, args.samples // ROWS_PER_WORKER)
+    rows = [("tokenizer alone: encode_batch, ids and spans (the ceiling)", sys.executable, "ceiling", 0),
+            (f"tunelab, defaults ({max(default_workers, 1)} process(es))", sys.executable, "tunelab", 0)]
+    if cores > 1:
+        other = cores if default_workers <= 1 else 1
+        rows.append((f"tunelab, preprocessing_num_workers: {other}", sys.executable, "tunelab", other))
+    rows.append(("tunelab, processors alone (no datasets)", sys.executable, "processors", 0))
+    if llamafactory:
+        rows.append(("LLaMA-Factory 0.9.5, 1 process", llamafactory, "llamafactory", 1))
+        if cores > 1:
+            rows.append((f"LLaMA-Factory 0.9.5, {cores} workers", llamafactory, "llamafactory", cores))
+    best, loads = in_turns(args.repeat, [row[1:] for row in rows], data_dir, cores, scratch)
+    print(f"\n--- {cores} core(s); load average at the start of each round: {', '.join(f'{x:.2f}' for x in loads)}")
+    ceiling = best[rows[0][1:]]
+    print(f"{rows[0][0]:64} {rate(ceiling):7.0f} samples/s ({ceiling['seconds']:.1f} s)")
+    print(f"{'tokenizer alone: encode_batch_fast, ids only':64} {ceiling['rows'] / ceiling['fast_seconds']:7.0f} "
+          f"samples/s")
+    for label, *row in rows[1:]:
+        run = best[tuple(row)]
+        warm = f", warm cache {run['warm_seconds']:.2f} s" if "warm_seconds" in run else ""
+        print(f"{label:64} {rate(run):7.0f} samples/s = {rate(run) / rate(ceiling):4.0%} of the ceiling "
+              f"({run['seconds']:.1f} s{warm})")
+    print(f"    tunelab's rows: {best[rows[1][1:]]['tokens']}")
+
+
+def sizes(args: argparse.Namespace, scratch: Path, cores: int) -> None:
+    """One process against one worker per core, on every core, for each dataset size (in turns, as `compare`)."""
+    print(f"tunelab, defaults but preprocessing_num_workers, on {cores} cores; best of {args.repeat}")
+    for size in (int(size) for size in args.sizes.split(",")):
+        data_dir = make_data(scratch / f"data{size}", size)
+        rows = [(sys.executable, "tunelab", 1), (sys.executable, "tunelab", cores)]
+        best, loads = in_turns(args.repeat, rows, data_dir, cores, scratch)
+        one, many = (best[row]["seconds"] for row in rows)
+        print(f"{size:7} samples: 1 process {one:6.2f} s, {cores} workers {many:6.2f} s ({one / many:.2f}x; load "
+              f"{', '.join(f'{x:.2f}' for x in loads)})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported")
-    parser.add_argument("--llamafactory", metavar="PYTHON", help="the python of a venv with llamafactory installed")
-    parser.add_argument("--child", nargs=4, metavar=("KIND", "DATA_DIR", "WORKERS", "SCRATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--llamafactory", metavar="PYTHON", help="the python of a venv with llamafactory installed "
+                                                                 f"(default: {LFVENV} when it exists)")
+    parser.add_argument("--sizes", help="comma list of dataset sizes: time 1 process against 1 worker per core")
+    parser.add_argument("--child", nargs=5, metavar=("KIND", "DATA_DIR", "WORKERS", "SCRATCH", "CORES"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, data_dir, workers, scratch = args.child
+        kind, data_dir, workers, scratch, cores = args.child
+        # Before anything starts threads: the tokenizer's thread pool and the default worker count follow it.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(cores)])
         print(json.dumps(CHILDREN[kind](Path(data_dir), int(workers), Path(scratch))))
         return
 
     scratch = Path(tempfile.mkdtemp(prefix="tokenize_speed_"))
+    cores = len(os.sched_getaffinity(0))
+    if args.sizes:
+        sizes(args, scratch, cores)
+        return
+    llamafactory = args.llamafactory or (str(LFVENV) if LFVENV.exists() else None)
     data_dir = make_data(scratch / "data", args.samples)
     print(f"{args.samples} samples ({(data_dir / 'bench.json').stat().st_size / 1e6:.1f} MB of json), tokenizer "
           f"qwen2.5-instruct, template qwen, cutoff_len {CUTOFF_LEN}, best of {args.repeat}")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    for label, measure in (("tokenizer alone, rendered text (the ceiling)", tokenizer_alone),
-                           ("tunelab sft processor alone (no datasets)", processor_child)):
-        alone = min((measure(data_dir, min(args.samples, 10_000)) for _ in range(args.repeat)),
-                    key=lambda run: run["seconds"])
-        print(f"{label:56} {alone['rows'] / alone['seconds']:7.0f} samples/s ({alone['rows']} samples, 1 process)")
-    rows = [("tunelab", sys.executable, 1, "false"), ("tunelab", sys.executable, 2, "false"),
-            ("tunelab", sys.executable, 1, "true")]
-    if args.llamafactory:
-        rows += [("llamafactory", args.llamafactory, 1, "false"), ("llamafactory", args.llamafactory, 2, "false"),
-                 ("llamafactory", args.llamafactory, 1, "true")]
-    for kind, python, workers, parallelism in rows:
-        runs = []
-        for _ in range(args.repeat):
-            load = os.getloadavg()[0]
-            runs.append((run_child(python, kind, data_dir, workers, parallelism, scratch), load))
-        best, load = min(runs, key=lambda run: run[0]["seconds"])
-        label = f"{kind}, {workers} worker(s), TOKENIZERS_PARALLELISM={parallelism}"
-        warm = f", warm cache {best['warm_seconds']:.2f} s" if "warm_seconds" in best else ""
-        every = ", ".join(f"{run['seconds']:.1f}" for run, _ in runs)
-        print(f"{label:56} {best['rows'] / best['seconds']:7.0f} samples/s ({best['seconds']:.1f} s{warm}; load "
-              f"{load:.2f} at its start; all runs {every} s)")
-        if "tokens" in best:
-            print(f"    {best['tokens']}")
+    for count in sorted({1, cores}):
+        compare(args, data_dir, scratch, count, llamafactory)
 
 
 if __name__ == "__main__":

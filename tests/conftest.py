@@ -8,10 +8,18 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from tunelab.model import build_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
+
+# Property tests are reproducible: the same examples on every run and machine (no random seed, no example database),
+# without a per-example deadline (a shared 2-core machine is slow at times). Each test sets its own example budget.
+# HYPOTHESIS_PROFILE=explore draws new examples instead.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", database=None, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

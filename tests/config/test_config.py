@@ -312,7 +312,7 @@ def test_a_missing_optional_package_is_named_when_the_config_loads(keys, module,
 @pytest.mark.parametrize(("content", "message"), [
     (None, r"`deepspeed`: .*missing.json does not exist \(a relative path is read from .*\); tunelab ships the usual "
            r"files in its examples/deepspeed/"),
-    ('{"zero_optimization": {"stage": 3,}}', r"`deepspeed`: .*broken.json: line 1, column 35: Expecting property name"),
+    ('{"zero_optimization": {"stage": 3,}}', r"`deepspeed`: .*broken.json:1:35: invalid JSON: Expecting property name"),
     ("[3]", r"`deepspeed`: .*broken.json: expected a JSON object of DeepSpeed settings"),
 ])
 def test_a_deepspeed_file_that_cannot_be_used_is_named_when_the_config_loads(content, message, tmp_path):

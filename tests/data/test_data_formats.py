@@ -17,11 +17,12 @@ from unittest.mock import ANY
 
 import pytest
 
-from tunelab.data.formats import check_columns, convert_batch, features
+from tunelab.data.formats import NUMBERS_COLUMN, check_columns, convert_batch, features
 from tunelab.data.detect import spec_for_path
 from tunelab.data.registry import check_stage, read_hub_dataset, resolve_datasets
 from tunelab.data.spec import DataError, DatasetSpec
-from tunelab.data.validation import RULES, RuleCount, SampleLocator, check_dataset, find_json_error, json_records
+from tunelab.data.files import SampleLocator, find_json_error, json_records
+from tunelab.data.validation import RULES, RuleCount, check_dataset
 from helpers import LF_DATA
 
 needs_lf_data = pytest.mark.skipif(not LF_DATA.is_dir(), reason="../shared/lf_data is not present")
@@ -134,7 +135,7 @@ def test_openai_messages_with_tool_calls_and_tool_messages():
 
 
 def test_pretraining_text_column():
-    assert convert([{"text": "A document."}], stage="pt")[0] == {"text": "A document.", "_rule": ""}
+    assert convert([{"text": "A document."}], stage="pt")[0] == {"text": "A document.", "_rule": "", NUMBERS_COLUMN: ""}
     assert convert([{"body": 42}], stage="pt", columns={"prompt": "body"})[0]["text"] == "42"
     with pytest.raises(DataError, match="its `columns` object names no `prompt` column"):
         convert([{"text": "a"}], stage="pt", columns={"system": "system"})

@@ -5,9 +5,10 @@ broken file is reported with the YAML's other problems, before anything slow.
     zero_stage(config)                                                      # 3, or None without DeepSpeed
 """
 
-import json
 from pathlib import Path
 from typing import Any
+
+from tunelab.config.files import parse_json, read_text
 
 
 def deepspeed_settings(value: Any) -> dict[str, Any]:
@@ -21,12 +22,7 @@ def deepspeed_settings(value: Any) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{value} does not exist (a relative path is read from {Path.cwd()}); tunelab ships the usual "
                          f"files in its examples/deepspeed/ (ds_z0_config.json ... ds_z3_offload_config.json)")
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{value}: line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{value} cannot be read ({err})") from None
+    settings = parse_json(read_text(path), value)  # ConfigError (a ValueError) naming the line and column
     if not isinstance(settings, dict):
         raise ValueError(f"{value}: expected a JSON object of DeepSpeed settings")
     return settings

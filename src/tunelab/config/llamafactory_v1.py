@@ -328,7 +328,7 @@ def _distributed(t: V1Translation) -> None:
         try:
             ds = json.loads(Path(dist.get("config_file") or "").read_text(encoding="utf-8"))
             fp16, bf16 = (str(ds.get(key, {}).get("enabled", "auto")).lower() for key in ("fp16", "bf16"))
-        except (OSError, ValueError, AttributeError) as err:
+        except (OSError, ValueError, AttributeError, RecursionError) as err:
             return t.invalid("dist_config.config_file", f"cannot read the DeepSpeed config: {err}")
         if fp16 == "true":
             t.invalid("dist_config.config_file", "it enables fp16; v1 trains DeepSpeed in bf16 or float32 only")

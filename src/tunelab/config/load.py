@@ -6,7 +6,7 @@ before any model or dataset is touched. Every problem found is reported at once,
 """
 
 import difflib
-import json
+import math
 import types
 import typing
 from dataclasses import MISSING
@@ -17,6 +17,7 @@ from tunelab.config.llamafactory import DECIDED_BY_TUNELAB, SAME_AS_TUNELAB, UNS
 from tunelab.config.llamafactory_v1 import V1_ONLY_KEYS, is_v1_config, translate_v1
 from tunelab.config.packages import missing_packages
 from tunelab.config.distributed import deepspeed_settings
+from tunelab.config.files import ConfigError, parse_json, parse_yaml, read_text
 from tunelab.config.passthrough import (IGNORED_TRAINING_KEYS, MOVED_INTO_FSDP_CONFIG, PASSTHROUGH_TRAINING_KEYS,
                                         RENAMED_TRAINING_KEYS)
 from tunelab.config.rules import check_rules
@@ -27,9 +28,21 @@ from tunelab.config.schema import Config, public_fields
 
 SCHEMA_KEYS = frozenset(f.name for f in public_fields())
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names every problem found."""
+#: The passed-through TrainingArguments keys that take a number or a switch, with their type (a test compares them with
+#: transformers): transformers stores `weight_decay: abc` as it is, and the optimizer fails on it after the model loads.
+PASSTHROUGH_TYPES = {
+    **dict.fromkeys("adam_beta1 adam_beta2 adam_epsilon eval_delay label_smoothing_factor neftune_noise_alpha "
+                    "weight_decay".split(), float),
+    **dict.fromkeys("data_seed dataloader_prefetch_factor ddp_bucket_cap_mb eval_accumulation_steps local_rank "
+                    "save_total_limit torch_empty_cache_steps".split(), int),
+    **dict.fromkeys("auto_find_batch_size average_tokens_across_devices bf16_full_eval dataloader_drop_last "
+                    "dataloader_persistent_workers dataloader_pin_memory ddp_broadcast_buffers "
+                    "ddp_find_unused_parameters disable_tqdm eval_do_concat_batches eval_on_start fp16_full_eval "
+                    "full_determinism greater_is_better hub_always_push hub_private_repo ignore_data_skip "
+                    "load_best_model_at_end log_on_each_node logging_first_step logging_nan_inf_filter "
+                    "prediction_loss_only push_to_hub save_on_each_node skip_memory_metrics tf32 torch_compile "
+                    "use_cpu use_liger_kernel".split(), bool),
+}
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, str]] = ()) -> Config:
@@ -67,6 +80,11 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
                 _check_range(kwargs[key], declared[key].metadata)
             except ValueError as err:
                 problems.append(f"{where}: `{key}`: {err}")
+        elif key in PASSTHROUGH_TYPES:
+            try:
+                extra[key] = coerce(value, PASSTHROUGH_TYPES[key] | None, from_text=isinstance(value, str))
+            except ValueError as err:
+                problems.append(f"{where}: `{key}`: {err}")
         else:
             extra[key] = _parse_text(value) if where == "command line" else value
     _move_into_fsdp_config(extra, accepted, problems)
@@ -85,24 +103,12 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[tuple[str, 
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse a .yaml/.yml/.json config file into a dict, naming the file and position of any syntax error."""
-    if not path.is_file():
+    """Parse a .yaml/.yml/.json config file into a dict, naming the file and position of any syntax error, byte that
+    is not UTF-8 or key written twice."""
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    text = read_text(path)
+    data = parse_json(text, path) if path.suffix == ".json" else parse_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -190,14 +196,17 @@ def coerce(value: Any, annotation: Any, *, from_text: bool = False) -> Any:
                 pass
         raise ValueError(f"got {value!r}; expected an integer")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"got {value!r}; expected a number")
+        number = None
+        try:
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                number = float(value.strip() if isinstance(value, str) else value)
+        except (ValueError, OverflowError):  # not a number, or an integer too large for a float
+            pass
+        if number is None:
+            raise ValueError(f"got {value!r:.80}; expected a number")
+        if not math.isfinite(number):  # nan or inf would train on without a word
+            raise ValueError(f"got {value!r}; expected a finite number")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -237,7 +246,7 @@ def _parse_text(value: Any) -> Any:
 
     try:
         parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML (or nested past the parser's depth): the text as typed
         return value
     if isinstance(parsed, str):
         try:

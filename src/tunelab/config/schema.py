@@ -61,7 +61,9 @@ class DataOptions:
     val_size: float = option(0.0, "Held-out share (< 1) or count (>= 1) of the training data for evaluation.",
                              minimum=0)
     overwrite_cache: bool = option(False, "Tokenize again even when a cached copy exists.")
-    preprocessing_num_workers: int | None = option(None, "Processes used for tokenization.", minimum=1)
+    preprocessing_num_workers: int | None = option(
+        None, "Processes used for tokenization (default: one per 10,000 samples, at most one per core; pt, kto and "
+              "packing: one).", minimum=1)
     preprocessing_batch_size: int = option(1000, "Samples per tokenization batch.", minimum=1)
     train_on_prompt: bool = option(False, "Train on the prompt tokens too (SFT).")
     mask_history: bool = option(False, "Train only on the last assistant turn (SFT).")

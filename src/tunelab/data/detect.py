@@ -6,13 +6,12 @@ from its first record.
 Only the standard library is imported (pyarrow inside the readers of parquet and arrow files).
 """
 
-import csv
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.spec import BUILDERS, DataError, DatasetSpec, check_files, json_error
+from tunelab.config.files import parse_json, read_text
+from tunelab.data.spec import BUILDERS, READ_ERRORS, DataError, DatasetSpec, check_files, csv_records, unreadable
 
 #: Where the detection looks, in order: conversation columns, then the alpaca prompt and response columns.
 MESSAGE_COLUMNS = ("conversations", "messages")
@@ -80,7 +79,10 @@ def _detect(first: dict[str, Any], path: Path) -> tuple[str, dict[str, str]]:
 def first_record(path: Path) -> dict[str, Any]:
     """The first sample of a data file, as `datasets` will read it (its columns and their values)."""
     reader = FIRST_RECORD_READERS[BUILDERS[path.suffix.lower()]]
-    record = reader(path)
+    try:
+        record = reader(path)
+    except READ_ERRORS as err:
+        raise unreadable(path, err) from None
     if record is None:
         raise DataError(f"{path}: holds no samples")
     if not isinstance(record, dict):
@@ -89,7 +91,7 @@ def first_record(path: Path) -> dict[str, Any]:
 
 
 def _first_json(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DataError)
     start = len(text) - len(text.lstrip())
     if start == len(text):
         return None
@@ -97,15 +99,16 @@ def _first_json(path: Path) -> Any:
         start = len(text) - len(text[start + 1:].lstrip())
         if text.startswith("]", start):
             return None
-    try:
-        return json.JSONDecoder().raw_decode(text, start)[0]
-    except json.JSONDecodeError as err:
-        raise json_error(path, err) from None
+    return parse_json(text, path, DataError, start=start)[0]
 
 
 def _first_csv(path: Path) -> dict[str, Any] | None:
     with path.open(newline="", encoding="utf-8") as handle:
-        return next(csv.DictReader(handle), None)
+        records = (record for record in csv_records(handle) if record)  # a blank line is no record
+        header, first = next(records, None), next(records, None)
+    if header is None or first is None:
+        return None
+    return dict(zip(header, first + [None] * (len(header) - len(first))))  # as pandas reads a short record
 
 
 def _first_text(path: Path) -> dict[str, Any]:

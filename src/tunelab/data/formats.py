@@ -50,11 +50,22 @@ URL_PREFIXES = ("http://", "https://", "data:")
 KTO_WORDS = {"true": True, "false": False, "1": True, "0": False}
 
 
+#: Column of the converted rows: the fields of a valid row whose numbers were read as text ("; "-separated), for
+#: the warning of `validation.check_dataset`.
+NUMBERS_COLUMN = "_numbers_as_text"
+#: The fields of the row being converted whose numbers `_text` read as text; `convert_batch` empties it per row.
+#: Module state rather than a parameter of every converter: only `_text` adds to it, only `convert_batch` reads it.
+_numbers_read: list[str] = []
+
+
 def _text(value: Any, what: str) -> str:
     if value is None:
         return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # csv and parquet readers turn a column of numbers ("42") into numbers
+        # The rule: a number where text belongs is read as its text, and counted for a warning. csv and parquet
+        # readers make a column of numbers ("42") numbers, and a JSON file may hold a number as a reply.
+        _numbers_read.append(what)
+        return str(value)
     if not isinstance(value, str):
         raise Invalid("not text", f"{what} is {type(value).__name__}")
     return value
@@ -116,8 +127,8 @@ def _message(turn: Any, roles: dict[str, str], spec: DatasetSpec) -> dict[str, s
     if not isinstance(turn, dict):
         raise Invalid("malformed messages", f"a message is {type(turn).__name__}")
     tag = turn.get(spec.tag("role_tag"))
-    if tag not in roles:
-        raise Invalid("unknown role", repr(tag))
+    if not isinstance(tag, str) or tag not in roles:  # a list or an object cannot even be looked up
+        raise Invalid("unknown role", f"{tag!r:.60}")
     role = roles[tag]
     if role == "assistant" and turn.get("tool_calls"):  # OpenAI style: an assistant message calling tools
         return {"role": "tool_call", "content": canonical_tool_calls(turn["tool_calls"])}
@@ -249,9 +260,10 @@ def convert_batch(batch: dict[str, list], *, spec: DatasetSpec, stage: str) -> d
     convert = from_text if kind == "pt" else CONVERTERS[spec.formatting]
     media = tuple(key for key in MEDIA_PLACEHOLDERS if spec.column(key))
     empty = EMPTY_TEXT if kind == "pt" else EMPTY_CHAT
-    out: dict[str, list] = {key: [] for key in (*empty, "_rule")}
+    out: dict[str, list] = {key: [] for key in (*empty, "_rule", NUMBERS_COLUMN)}
     for values in zip(*batch.values()):
         row = dict(zip(batch, values))
+        _numbers_read.clear()
         try:
             sample = convert(row, spec)
             if kind != "pt":
@@ -262,6 +274,7 @@ def convert_batch(batch: dict[str, list], *, spec: DatasetSpec, stage: str) -> d
         for key in empty:
             out[key].append(sample[key])
         out["_rule"].append(rule)
+        out[NUMBERS_COLUMN].append("" if rule else "; ".join(dict.fromkeys(_numbers_read)))
     return out
 
 
@@ -291,10 +304,11 @@ def features(stage: str) -> Any:
     """The Arrow schema of the internal form (declared, so datasets with and without system prompts concatenate)."""
     from datasets import Features, List, Value
 
+    internal = {"_rule": Value("string"), NUMBERS_COLUMN: Value("string")}
     if data_kind(stage) == "pt":
-        return Features({"text": Value("string"), "_rule": Value("string")})
+        return Features({"text": Value("string"), **internal})
     message = {"role": Value("string"), "content": Value("string")}
     return Features({"messages": List(message), "system": Value("string"), "tools": Value("string"),
                      "chosen": message, "rejected": message, "kto_tag": Value("bool"),
-                     **{key: List(Value("string")) for key in MEDIA_PLACEHOLDERS}, "_rule": Value("string")})
+                     **{key: List(Value("string")) for key in MEDIA_PLACEHOLDERS}, **internal})
 

@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.cache import cache_folder, cache_key, load_saved, save_splits
-from tunelab.data.formats import convert_batch, features
+from tunelab.data.files import read_rows
+from tunelab.data.formats import NUMBERS_COLUMN, convert_batch, features
 from tunelab.data.media.checks import measure_media, refuse_media_setup, skip_cut_samples
 from tunelab.data.packing import pack_rows
-from tunelab.data.processing import PROCESSORS, TRUNCATED_COLUMN
-from tunelab.data.registry import data_kind, read_hub_dataset, resolve_datasets
+from tunelab.data.processing import BATCH_BOUND, PROCESSORS, TRUNCATED_COLUMN
+from tunelab.data.registry import data_kind, resolve_datasets
 from tunelab.data.spec import DataError, DatasetSpec
 from tunelab.data.stats import SEQUENCES, LoadReport, describe_example, describe_tokens, measure
-from tunelab.data.validation import check_dataset, find_json_error
+from tunelab.data.validation import check_dataset
+from tunelab.data.workers import map_workers
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +188,7 @@ def _build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, tem
 def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, template: Any, kind: str,
              media: Any) -> tuple[Any, LoadReport]:
     """One dataset read, sampled, converted, checked (its media measured), tokenized and measured."""
-    raw, rows = _sample(_read(spec, config), spec, config)
+    raw, rows = _sample(read_rows(spec, config), spec, config)
     converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
                         remove_columns=raw.column_names, features=features(config.stage),
                         fn_kwargs={"spec": spec, "stage": config.stage},
@@ -195,15 +197,16 @@ def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, templat
                               _map_options(config, converted, f"reading the media of {spec.name}"))
     rules = list(converted["_rule"])
     # Raises when nothing survives, or at the first invalid sample with strict_data.
-    validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows)
+    validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows,
+                               numbers=list(converted[NUMBERS_COLUMN]))
     if validation.skipped:
         logger.warning("dataset %r: %s", spec.name, validation.summary())
         converted = converted.select([i for i, rule in enumerate(rules) if not rule])
-    converted = converted.remove_columns("_rule")
+    converted = converted.remove_columns(["_rule", NUMBERS_COLUMN])
     tokenized = converted.map(PROCESSORS[kind], batched=True, batch_size=config.preprocessing_batch_size,
                               remove_columns=converted.column_names,
                               fn_kwargs=dict(tokenizer=tokenizer, template=template, config=config, media=media),
-                              **_map_options(config, converted, f"tokenizing {spec.name}"))
+                              **_map_options(config, converted, f"tokenizing {spec.name}", kind not in BATCH_BOUND))
     tokenized, validation = skip_cut_samples(tokenized, spec, rules, validation, config, rows)
     tokens = measure(tokenized, kind)
     logger.info("dataset %r (%s): %d of %d samples kept, %s", spec.name, spec.where, validation.kept,
@@ -232,11 +235,12 @@ def _pack(data: Any, config: Any) -> Any:
     return data.map(pack_rows, batched=True, batch_size=config.preprocessing_batch_size,
                     remove_columns=_columns(data),
                     fn_kwargs={"cutoff_len": config.cutoff_len, "neat": config.neat_packing},
-                    **_map_options(config, data, "packing"))
+                    **_map_options(config, data, "packing", row_wise=False))
 
 
-def _map_options(config: Any, data: Any, desc: str) -> dict[str, Any]:
-    """Workers of a `datasets.map` over a map-style dataset (an IterableDataset takes none).
+def _map_options(config: Any, data: Any, desc: str, row_wise: bool = True) -> dict[str, Any]:
+    """Workers of a `datasets.map` over a map-style dataset (an IterableDataset takes none): workers.py decides,
+    `row_wise` saying whether each output row depends on one input row only.
 
     The map never reads the cache files of `datasets`: their fingerprint pickles the template's class by reference,
     so a changed template would read stale tokens. tunelab's own key covers the source of the whole data layer.
@@ -245,28 +249,11 @@ def _map_options(config: Any, data: Any, desc: str) -> dict[str, Any]:
 
     if isinstance(data, IterableDataset):
         return {}
-    return {"num_proc": _workers(config, data), "load_from_cache_file": False, "desc": desc}
+    return {"num_proc": map_workers(config.preprocessing_num_workers, len(data), row_wise),
+            "load_from_cache_file": False, "desc": desc}
 
 
 # ---------------------------------------------------------------- reading
-
-
-def _read(spec: DatasetSpec, config: Any, streaming: bool = False) -> Any:
-    """The raw rows of one dataset: a `datasets.Dataset` (an `IterableDataset` when streaming)."""
-    from datasets import load_dataset
-
-    if spec.hub_url is not None:
-        return read_hub_dataset(spec, config.cache_dir, config.hf_hub_token, streaming)
-    files = spec.files()
-    builder = spec.builder()
-    try:
-        return load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=config.cache_dir,
-                            streaming=streaming)
-    except Exception as err:  # datasets wraps parse errors in DatasetGenerationError without the position
-        problem = find_json_error(files) if builder == "json" else None
-        cause = err.__cause__ or err
-        raise DataError(f"dataset {spec.name!r}: " + (problem or f"{spec.where}: cannot be read by the {builder} "
-                                                       f"builder of `datasets`: {cause}")) from err
 
 
 def _sample(raw: Any, spec: DatasetSpec, config: Any) -> tuple[Any, list[int] | None]:
@@ -302,11 +289,6 @@ def _hold_out(train: Any, config: Any) -> tuple[Any, Any]:
     return parts["train"], parts["test"]
 
 
-def _workers(config: Any, dataset: Any) -> int | None:
-    workers = config.preprocessing_num_workers
-    return min(workers, len(dataset)) if workers and workers > 1 and len(dataset) > 1 else None
-
-
 # ---------------------------------------------------------------- streaming
 
 
@@ -325,7 +307,7 @@ def _stream(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, te
 
 
 def _stream_one(spec: DatasetSpec, config: Any, tokenizer: Any, template: Any, kind: str) -> Any:
-    raw = _read(spec, config, streaming=True)
+    raw = read_rows(spec, config, streaming=True)
     # A stream cannot repeat or sample rows: num_samples and max_samples both keep its first rows.
     limits = [n for n in (spec.num_samples, config.max_samples) if n is not None]
     if limits:

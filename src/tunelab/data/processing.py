@@ -49,10 +49,11 @@ could not match such a block to its image): the loader then skips the sample and
 cannot train on it either.
 
 The pure functions (`sft_example`, `fit_turn`, `pairwise_example`, `chunk_documents`) are what the tests pin down;
-the `*_batch` functions wrap them for `datasets.map(batched=True)`. Packing SFT rows is `tunelab.data.packing`.
+the `*_batch` functions wrap them for `datasets.map(batched=True)`, each encoding its whole batch with one tokenizer
+call (`Template.encode_batch`; pt: the tokenizer's own batch call). Packing SFT rows is `tunelab.data.packing`.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 
@@ -106,7 +107,7 @@ def shared_prompt(chosen: tuple[list[int], list[int]],
     """(prompt, chosen reply, rejected reply) with one prompt both conversations start with, token for token.
 
     The two prompts are the same text, but a token that spans the prompt/reply border belongs to the reply
-    (`templates.split_tokens`), so they can differ at their ends. Their common start is the prompt; whatever follows
+    (`template.split_tokens`), so they can differ at their ends. Their common start is the prompt; whatever follows
     goes with each reply, so each prompt + reply is still exactly its conversation's tokens.
     """
     full_chosen, full_rejected = chosen[0] + chosen[1], rejected[0] + rejected[1]
@@ -175,15 +176,16 @@ def _add_row(out: Columns, input_ids: list[int], labels: list[int], prefix: str 
     out[f"{prefix}labels"].append(labels)
 
 
-def _conversations(batch: Columns) -> Iterator[tuple[list[dict], str | None, str | None]]:
-    return zip(batch["messages"], batch["system"], batch["tools"])
+def _conversations(batch: Columns, media: Any = None) -> list[tuple[list[dict], str | None, str | None]]:
+    """(messages, system, tools) of every row, the media placeholders expanded (see `_expanded`)."""
+    return [(_expanded(messages, batch, index, media), system, tools)
+            for index, (messages, system, tools) in enumerate(zip(batch["messages"], batch["system"], batch["tools"]))]
 
 
 def sft_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind sft: one row per conversation, the replies trained (see the module docstring)."""
     out = _new_columns("", media=media)
-    for index, (messages, system, tools) in enumerate(_conversations(batch)):
-        pairs = template.encode_turns(tokenizer, _expanded(messages, batch, index, media), system, tools)
+    for index, pairs in enumerate(template.encode_batch(tokenizer, _conversations(batch, media))):
         _add_row(out, *sft_example(pairs, config.cutoff_len, config.train_on_prompt, config.mask_history),
                  media=media)
         full = [i for prompt, reply in pairs for i in prompt + reply]
@@ -195,12 +197,13 @@ def sft_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, med
 def pairwise_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind pairwise (rm, dpo, orpo, simpo): a chosen and a rejected sequence per row, sharing one prompt."""
     out = _new_columns("chosen_", "rejected_", media=media)
-    rows = zip(_conversations(batch), batch["chosen"], batch["rejected"])
-    for index, ((messages, system, tools), chosen, rejected) in enumerate(rows):
-        conversations = [_expanded([*messages, reply], batch, index, media) for reply in (chosen, rejected)]
-        encoded = [prompt_and_reply(template.encode_turns(tokenizer, conversation, system, tools))
-                   for conversation in conversations]
-        full_prompt, full_chosen, full_rejected = shared_prompt(*encoded)
+    # Both conversations of every row in one tokenizer call: row i's chosen at 2i, its rejected at 2i + 1.
+    rows = zip(batch["messages"], batch["system"], batch["tools"], batch["chosen"], batch["rejected"])
+    conversations = [(_expanded([*messages, reply], batch, index, media), system, tools)
+                     for index, (messages, system, tools, *replies) in enumerate(rows) for reply in replies]
+    encoded = [prompt_and_reply(pairs) for pairs in template.encode_batch(tokenizer, conversations)]
+    for index, (chosen, rejected) in enumerate(zip(encoded[0::2], encoded[1::2])):
+        full_prompt, full_chosen, full_rejected = shared_prompt(chosen, rejected)
         out[TRUNCATED_COLUMN].append(len(full_prompt) + max(len(full_chosen), len(full_rejected)) > config.cutoff_len)
         prompt, chosen_ids, rejected_ids = pairwise_example(full_prompt, full_chosen, full_rejected, config.cutoff_len)
         _add_row(out, *supervised(prompt, chosen_ids), prefix="chosen_", media=media)
@@ -213,8 +216,7 @@ def pairwise_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any
 def kto_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind kto: the sample with its tag, and its KL pair (its prompt, the next sample's reply). Text only: the
     loader refuses kto samples with images or videos (`media` is not used)."""
-    encoded = [prompt_and_reply(template.encode_turns(tokenizer, messages, system, tools))
-               for messages, system, tools in _conversations(batch)]
+    encoded = [prompt_and_reply(pairs) for pairs in template.encode_batch(tokenizer, _conversations(batch))]
     other_replies = [reply for _, reply in encoded[1:] + encoded[:1]]
     out = {**_new_columns("", "kl_"), "kto_tags": [bool(tag) for tag in batch["kto_tag"]]}
     for (prompt, reply), other_reply in zip(encoded, other_replies):
@@ -227,16 +229,16 @@ def kto_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, med
 def prompt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, media: Any = None) -> Columns:
     """Kind prompt (ppo, grpo, prediction): the prompt to generate from, the reference reply as labels."""
     out = _new_columns("", media=media)
-    for index, (messages, system, tools) in enumerate(_conversations(batch)):
-        messages = _expanded(messages, batch, index, media)
-        # Roles alternate from the prompt side, so an odd count ends on it: no reference answer, no labels.
-        answered = len(messages) % 2 == 0
-        if answered:
-            prompt, reply = prompt_and_reply(template.encode_turns(tokenizer, messages, system, tools))
-        else:
-            prompt, reply = template.encode_prompt(tokenizer, messages, system, tools), []
+    conversations = _conversations(batch, media)
+    # Roles alternate from the prompt side, so an odd count ends on it: no reference answer, no labels. An empty
+    # reply stands in for the missing one, whose prompt is then the generation prompt (as `encode_prompt`).
+    answered = [len(messages) % 2 == 0 for messages, _, _ in conversations]
+    conversations = [(messages if done else [*messages, {"role": "assistant", "content": ""}], system, tools)
+                     for (messages, system, tools), done in zip(conversations, answered)]
+    for index, pairs in enumerate(template.encode_batch(tokenizer, conversations)):
+        prompt, reply = prompt_and_reply(pairs)
         # Cut from the left: the end of the prompt is the question and the generation prompt.
-        _add_row(out, prompt[-config.cutoff_len:], reply)
+        _add_row(out, prompt[-config.cutoff_len:], reply if answered[index] else [])
         out[TRUNCATED_COLUMN].append(len(prompt) > config.cutoff_len)
         _add_media(out, batch, index, media, prompt, out["input_ids"][-1])
     return out
@@ -280,3 +282,6 @@ def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, medi
 PROCESSORS: dict[str, Callable[..., Columns]] = {
     "pt": pt_batch, "sft": sft_batch, "pairwise": pairwise_batch, "kto": kto_batch, "prompt": prompt_batch,
 }
+#: Kinds whose rows depend on the other samples of their batch (pt chunks the batch's documents together, kto pairs
+#: each prompt with the next sample's reply), so another cut of the data into batches gives other rows.
+BATCH_BOUND = ("pt", "kto")

@@ -14,33 +14,33 @@ datasets load. pyarrow (parquet and arrow files) and datasets (hubs) are importe
 """
 
 import difflib
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.files import parse_json, parse_yaml, read_text
 from tunelab.config.llamafactory_v1 import HUB, NO_CONVERTER
 from tunelab.config.stages import STAGE_SPECS
 from tunelab.data.detect import first_record, spec_for_path
 from tunelab.data.spec import (COLUMN_KEYS, DATASET_KINDS, ENTRY_KEYS, FORMATTINGS, HUB_ONLY_KEYS, HUBS, KIND_SOURCES,
                                TAG_KEYS, UNSUPPORTED_SOURCES, V1_CONVERTER_COLUMNS, V1_ENTRY_KEYS, V1_PAIR, V1_SPLIT,
                                V1_STREAMING,
-                               DataError, DatasetSpec, check_files, count_rows, json_error)
+                               DataError, DatasetSpec, check_files, count_rows)
 
+#: Entry keys whose value is not a string (a file, folder, repository or name).
+NON_TEXT_ENTRY_KEYS = {"ranking", "num_samples", "columns", "tags"}
 #: The suffixes of a LLaMA-Factory v1 dataset yaml (v1 itself takes .yaml only).
 V1_YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def read_dataset_info(dataset_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Parse `{dataset_dir}/dataset_info.json`, naming the position of any syntax error."""
+    """Parse `{dataset_dir}/dataset_info.json`, naming the position of a syntax error, a byte that is not UTF-8 and a
+    key written twice (a dataset registered twice, or a key twice in one entry)."""
     path = Path(dataset_dir) / "dataset_info.json"
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: not found (`dataset_dir` must be the folder holding dataset_info.json)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise json_error(path, err) from None
+    info = parse_json(read_text(path, DataError), path, DataError)
     if not isinstance(info, dict):
         raise DataError(f"{path}: expected an object mapping dataset names to entries")
     return path, info
@@ -54,7 +54,7 @@ def resolve_datasets(names: list[str] | None, dataset_dir: str | Path, stage: st
         return []
     info_path = Path(dataset_dir) / "dataset_info.json"
     # Needed only for names that are not paths; then a missing file is one of the problems reported.
-    info = read_dataset_info(dataset_dir)[1] if info_path.is_file() else {}
+    info = read_dataset_info(dataset_dir)[1] if info_path.exists() else {}
     problems: list[str] = []
     specs: list[DatasetSpec] = []
     for name in names:
@@ -113,6 +113,9 @@ def _make_spec(name: str, entry: Any, info_path: Path) -> DatasetSpec:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected an object with `file_name` or `hf_hub_url`")
     _check_keys(entry, ENTRY_KEYS, where, "key")
+    for key in sorted(ENTRY_KEYS - NON_TEXT_ENTRY_KEYS):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise DataError(f"{where}: `{key}` must be a string, got {entry[key]!r}")
     columns, tags = entry.get("columns"), entry.get("tags")
     _check_keys({} if columns is None else columns, COLUMN_KEYS, where, "`columns` key")
     _check_keys({} if tags is None else tags, TAG_KEYS, where, "`tags` key")
@@ -129,7 +132,8 @@ def _make_spec(name: str, entry: Any, info_path: Path) -> DatasetSpec:
         raise DataError(f"{where}: `tags` needs `role_tag` and `content_tag` (a `tags` object replaces the default "
                         f"tags, as in LLaMA-Factory)")
     num_samples = entry.get("num_samples")
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
         raise DataError(f"{where}: `num_samples` must be a positive integer, got {num_samples!r}")
     common = dict(name=name, info_path=info_path, formatting=formatting, ranking=ranking, num_samples=num_samples,
                   columns=columns, tags=tags, subset=entry.get("subset"),
@@ -186,14 +190,7 @@ def read_v1_datasets(path: Path) -> list[DatasetSpec]:
     (v1's loader hands it to `datasets.load_dataset` as it is), and `size` / `weight` as its `num_samples`. What
     tunelab would read differently is refused: every problem at once, each naming the yaml, the entry and the key.
     """
-    import yaml
-
-    try:
-        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise DataError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    entries = parse_yaml(read_text(path, DataError), path, DataError)
     if not isinstance(entries, dict) or not entries:
         raise DataError(f"{path}: expected dataset names mapped to entries (a LLaMA-Factory v1 dataset yaml), got "
                         f"{entries!r}")

@@ -7,11 +7,12 @@ count the rows of parquet and arrow files).
 """
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 from tunelab.config import ConfigError
+from tunelab.config.files import os_problem, parse_json, read_text, utf8_problem
 
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 
@@ -143,18 +144,40 @@ class DatasetSpec:
         return BUILDERS[self.files()[0].suffix.lower()]
 
 
-def json_error(path: Path, err: json.JSONDecodeError, line: int | None = None) -> DataError:
-    """`file:line:column: invalid JSON: reason` of a document, or of one JSON line (then `line` is its number)."""
-    if line is None:
-        return DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}")
-    return DataError(f"{path}:{line}:{err.colno}: invalid JSON line: {err.msg}")
+def unreadable(path: Path, err: Exception) -> DataError:
+    """The DataError of a data file its reader failed on, naming the file and what is wrong with it."""
+    if isinstance(err, DataError):
+        return err
+    if isinstance(err, UnicodeDecodeError):
+        return DataError(utf8_problem(path) or f"{path}: not UTF-8 text ({err.reason})")
+    if isinstance(err, OSError):
+        return DataError(f"{path}: {os_problem(err)}")
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return DataError(f"{path}: not a readable {BUILDERS.get(path.suffix.lower(), 'data')} file: {detail}")
+
+
+#: What the readers of a damaged file raise: decoding and parse errors (ValueError, pyarrow's ArrowInvalid), the csv
+#: module's, and a read that fails. `unreadable` turns each into a DataError.
+READ_ERRORS = (OSError, ValueError, csv.Error, RecursionError)
+
+
+def csv_records(handle: TextIO) -> Any:
+    """A `csv.reader` of `handle` that takes fields of any length, as pandas (and so `datasets`) does: the csv module's
+    default limit of 128 KiB per field refuses a long document."""
+    csv.field_size_limit(2**31 - 1)  # the largest every platform's C long holds
+    return csv.reader(handle)
 
 
 def check_files(spec: DatasetSpec, where: str) -> None:
     """The path exists and holds data files of one readable type."""
     if not spec.path.exists():
         raise DataError(f"{where}: file not found: {spec.path}")
-    files = spec.files()
+    try:
+        files = spec.files()
+        for path in files:  # opened now, while a refusal costs nothing: the cache key reads them before `datasets`
+            path.open("rb").close()
+    except OSError as err:  # a folder that cannot be listed, a file that cannot be read
+        raise DataError(f"{where}: {err.filename}: {os_problem(err)}") from None
     if not files:
         raise DataError(f"{where}: folder {spec.path} holds no data file ({', '.join(BUILDERS)})")
     kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
@@ -170,21 +193,23 @@ def count_rows(spec: DatasetSpec) -> int:
     for path in spec.files():
         try:
             total += ROW_COUNTERS[BUILDERS[path.suffix.lower()]](path)
-        except json.JSONDecodeError as err:
-            raise json_error(path, err) from None
+        except READ_ERRORS as err:
+            raise unreadable(path, err) from None
     return total
 
 
 def _json_rows(path: Path) -> int:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DataError)
     if text.lstrip().startswith("["):
-        return len(json.loads(text))
+        return len(parse_json(text, path, DataError))
     return sum(1 for line in text.splitlines() if line.strip())  # JSON lines
 
 
 def _csv_rows(path: Path) -> int:
     with path.open(newline="", encoding="utf-8") as handle:
-        return sum(1 for _ in csv.DictReader(handle))
+        records = csv_records(handle)
+        next(records, None)  # the header
+        return sum(1 for record in records if record)  # a blank line is no record
 
 
 def _parquet_rows(path: Path) -> int:

@@ -7,26 +7,25 @@
 The converters in formats.py raise `Invalid(rule, detail)` where a row cannot become a sample, and `check_sample`
 enforces what a stage's data kind needs of the converted sample. The rule of each row (or "" for a valid one)
 travels in the `_rule` column; `check_dataset` counts them per rule, finds the first offending sample of each in its
-file, and refuses the dataset when nothing survives, or, with `strict_data`, at its first invalid sample.
+file (files.SampleLocator), and refuses the dataset when nothing survives, or, with `strict_data`, at its first
+invalid sample.
 
 Samples count from 0, as `dataset[i]` does; lines count from 1, as editors do.
 """
 
-import csv
-import json
-import re
+import logging
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tunelab.data.spec import DataError, DatasetSpec, json_error
+from tunelab.data.files import SampleLocator
+from tunelab.data.spec import DataError, DatasetSpec
 
 #: rule -> what it asks of a sample. Rule names are short and stable: reports group samples by them.
 RULES = {
     "malformed messages": "the messages column must hold a list of message objects",
     "unknown role": "every message's role must be one of the user, assistant, observation, function and system tags",
-    "not text": "prompts, replies and system prompts must be text",
+    "not text": "prompts, replies and system prompts must be text or numbers (a number is read as its text)",
     "no messages": "a conversation needs at least one message",
     "system turn not first": "a system message may only open the conversation",
     "roles not alternating": "user (or tool result) and assistant (or tool call) turns must alternate, user first",
@@ -60,6 +59,7 @@ PROMPT_ROLES = ("user", "tool")
 REPLY_ROLES = ("assistant", "tool_call")
 MEDIA_PLACEHOLDERS = {"images": "<image>", "videos": "<video>", "audios": "<audio>"}
 _EXPLAINED = {**RULES, **MEDIA_RULES}
+logger = logging.getLogger(__name__)
 _SEPARATOR = ": "  # between rule and detail in the `_rule` column; rule names hold no colon
 
 
@@ -157,11 +157,12 @@ class DatasetReport:
 
 
 def check_dataset(spec: DatasetSpec, rules: list[str], *, stage: str, strict: bool = False,
-                  rows: list[int] | None = None) -> DatasetReport:
+                  rows: list[int] | None = None, numbers: list[str] | None = None) -> DatasetReport:
     """The report of one converted dataset, from the `_rule` of each of its samples ("" for a valid one).
 
     Raises DataError when no sample survives (naming the rules that removed them), or with `strict` at the first
     invalid sample. `rows` maps positions in `rules` to rows of the files (when num_samples resampled them).
+    `numbers`: per sample, the fields whose numbers were read as text (formats.NUMBERS_COLUMN), warned about once.
     """
     counts: Counter[str] = Counter()
     first: dict[str, tuple[int, str]] = {}
@@ -180,6 +181,12 @@ def check_dataset(spec: DatasetSpec, rules: list[str], *, stage: str, strict: bo
         raise DataError(f"dataset {spec.name!r}: {where(index)}: {rule}{_SEPARATOR + detail if detail else ''} "
                         f"({_EXPLAINED[rule]}); `strict_data: true` refuses a dataset with an invalid sample: fix "
                         f"it, or set `strict_data: false` to skip such samples")
+    fields = Counter(field for entry in numbers or [] if entry for field in entry.split("; "))
+    if fields:
+        first_number = next(index for index, entry in enumerate(numbers) if entry)
+        logger.warning("dataset %r: %d of %d samples hold a number where text belongs (%s; first at %s): each was "
+                       "read as its text, 42 as \"42\"", spec.name, sum(1 for entry in numbers if entry), len(rules),
+                       ", ".join(f"{field}: {count}" for field, count in fields.most_common()), where(first_number))
     report = DatasetReport(spec.name, spec.where, len(rules), {
         rule: RuleCount(count, where(first[rule][0]), first[rule][1]) for rule, count in counts.most_common()})
     if report.kept == 0:
@@ -189,123 +196,3 @@ def check_dataset(spec: DatasetSpec, rules: list[str], *, stage: str, strict: bo
         raise DataError(f"dataset {spec.name!r} ({spec.where}): none of its {len(rules)} samples is usable {usage}: "
                         f"{reasons or 'the dataset is empty'}")
     return report
-
-
-# ---------------------------------------------------------------- finding a sample in its file
-
-
-class SampleLocator:
-    """Names sample `index` of a dataset: its file (in a folder, the files in order), its index there, its line."""
-
-    def __init__(self, spec: DatasetSpec) -> None:
-        self.spec = spec
-        self._files: list[tuple[Path, list[int | None]]] | None = None  # each file with the line of each sample
-
-    def __call__(self, index: int) -> str:
-        if self.spec.path is None:
-            return f"{self.spec.where} (split {self.spec.split}), sample {index}"
-        if self._files is None:  # read the files only once a sample must be named
-            self._files = [(path, RECORD_LINES[self.spec.builder()](path)) for path in self.spec.files()]
-        for path, lines in self._files:
-            if index < len(lines):
-                return f"{path}, sample {index}" + (f" (line {lines[index]})" if lines[index] else "")
-            index -= len(lines)
-        # `datasets` counted more rows than we did (a file changed since it was read): name the folder at least.
-        return f"{self.spec.where}, sample {index}"
-
-
-def json_records(path: Path) -> list[tuple[int, Any]]:
-    """Every sample of a .json or .jsonl file with the line it starts on; DataError at a syntax error.
-
-    A file that parses as one document is an array of samples (or one sample); otherwise it is JSON lines.
-    """
-    text = path.read_text(encoding="utf-8")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as whole:
-        if text.lstrip().startswith("["):
-            raise json_error(path, whole) from None
-        return _json_lines(path, text)
-    if isinstance(document, list):
-        return list(zip(_element_lines(text), document))
-    return [(1 + text[:len(text) - len(text.lstrip())].count("\n"), document)]
-
-
-def _json_lines(path: Path, text: str) -> list[tuple[int, Any]]:
-    records = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if line.strip():
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise json_error(path, err, line=lineno) from None
-    return records
-
-
-_GAP = re.compile(r"[\s,]*")
-
-
-def _element_lines(text: str) -> list[int]:
-    """The line each element of a valid JSON array starts on."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, lines = 1 + text.count("\n", 0, pos), []
-    while True:
-        start = _GAP.match(text, pos).end()
-        if text.startswith("]", start):
-            return lines
-        end = decoder.raw_decode(text, start)[1]
-        line += text.count("\n", pos, start)
-        lines.append(line)
-        line += text.count("\n", start, end)
-        pos = end
-
-
-def find_json_error(files: list[Path]) -> str | None:
-    """`file:line:column: problem` of the first .json/.jsonl file `datasets` cannot read: a syntax error, or a
-    sample that is not an object. None when every file is fine."""
-    for path in files:
-        try:
-            records = json_records(path)
-        except DataError as err:
-            return str(err)
-        for index, (line, record) in enumerate(records):
-            if not isinstance(record, dict):
-                return (f"{path}:{line}: sample {index} is {type(record).__name__}, not an object: every sample must "
-                        f"be an object of named columns")
-    return None
-
-
-def _text_lines(path: Path) -> list[int | None]:
-    with path.open(encoding="utf-8") as handle:
-        return list(range(1, sum(1 for _ in handle) + 1))
-
-
-def _csv_lines(path: Path) -> list[int | None]:
-    """The line each csv record starts on (a quoted field may span lines); blank lines are no records."""
-    lines, start = [], 1
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        for record in reader:
-            if record:
-                lines.append(start)
-            start = reader.line_num + 1
-    return lines[1:]  # the header
-
-
-def _parquet_lines(path: Path) -> list[int | None]:
-    import pyarrow.parquet as pq
-
-    return [None] * pq.ParquetFile(path).metadata.num_rows
-
-
-def _arrow_lines(path: Path) -> list[int | None]:
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as source:
-        return [None] * pa.ipc.open_stream(source).read_all().num_rows
-
-
-#: builder -> the line each sample of one of its files starts on (None where a file has no lines).
-RECORD_LINES = {"json": lambda path: [line for line, _ in json_records(path)], "text": _text_lines,
-                "csv": _csv_lines, "parquet": _parquet_lines, "arrow": _arrow_lines}

@@ -16,12 +16,13 @@ skipped and counted like every other invalid sample (or refused with `strict_dat
 import logging
 from typing import Any
 
+from tunelab.data.files import SampleLocator
 from tunelab.data.media.images import MediaError
 from tunelab.data.media.loading import not_a_vision_model
 from tunelab.data.media.video import PYAV_INSTALL, has_pyav
 from tunelab.data.processing import IMAGE_TOKENS_COLUMN, MEDIA_RULE_COLUMN, VIDEO_TOKENS_COLUMN
 from tunelab.data.spec import DataError, DatasetSpec
-from tunelab.data.validation import DatasetReport, SampleLocator, check_dataset
+from tunelab.data.validation import DatasetReport, check_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -4,17 +4,20 @@ table row or a YAML file) and `TokenizerTemplate` (tokenizer.py, a Jinja templat
 A conversation in the internal form (`data/formats.py`) is a list of messages whose roles are `user` and `tool` (a
 tool's result) on the prompt side and `assistant` and `tool_call` (content: a JSON list of `{"name", "arguments"}`) on
 the reply side. `encode_turns` renders it as text cut into prompt, reply, prompt, reply, ... pieces and cuts the ids of
-the whole text at the piece borders (`tokens.split_tokens`).
+the whole text at the piece borders (`tokens.split_tokens_batch`); `encode_batch` does so for many conversations
+with one tokenizer call.
 """
 
 import logging
 from typing import Any
 
 from tunelab.data.template.strings import TemplateError
-from tunelab.data.template.tokens import Pairs, split_tokens
+from tunelab.data.template.tokens import Pairs, split_tokens_batch
 from tunelab.data.template.tools import TOOL_FORMATS, ToolFormat
 
 logger = logging.getLogger(__name__)
+#: A conversation as the data processors hold it: its messages, its system prompt and its tool list (JSON), or None.
+Conversation = tuple[list[dict], str | None, str | None]
 #: The tokenizer_config.json key holding the definition of the template a model was trained with.
 TRAINED_KEY = "tunelab_template"
 
@@ -41,11 +44,18 @@ class Template:
     def encode_turns(self, tokenizer: Any, messages: list[dict], system: str | None = None,
                      tools: str | None = None) -> Pairs:
         """(prompt_ids, response_ids) per turn; concatenated, they equal `apply_chat_template` with `.jinja`."""
-        if (tools or any(m["role"] in ("tool", "tool_call") for m in messages)) and not self.supports_tools:
-            raise TemplateError(f"template {self.name!r} cannot render tools or tool calls: set `tool_format` (one of "
-                                f"{', '.join(TOOL_FORMATS)}) or use a template whose format has tools")
-        ids = split_tokens(tokenizer, self.render_pieces(tokenizer, messages, system, tools))
-        return list(zip(ids[0::2], ids[1::2]))
+        return self.encode_batch(tokenizer, [(messages, system, tools)])[0]
+
+    def encode_batch(self, tokenizer: Any, conversations: list[Conversation]) -> list[Pairs]:
+        """`encode_turns` of each (messages, system, tools), with one tokenizer call for them all (see
+        `tokens.split_tokens_batch`): the data processors encode a whole `datasets.map` batch this way."""
+        texts = []
+        for messages, system, tools in conversations:
+            if not self.supports_tools and (tools or any(m["role"] in ("tool", "tool_call") for m in messages)):
+                raise TemplateError(f"template {self.name!r} cannot render tools or tool calls: set `tool_format` "
+                                    f"(one of {', '.join(TOOL_FORMATS)}) or use a template whose format has tools")
+            texts.append(self.render_pieces(tokenizer, messages, system, tools))
+        return [list(zip(ids[0::2], ids[1::2])) for ids in split_tokens_batch(tokenizer, texts)]
 
     def encode_prompt(self, tokenizer: Any, messages: list[dict], system: str | None = None,
                       tools: str | None = None) -> list[int]:

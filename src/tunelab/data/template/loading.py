@@ -45,6 +45,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.files import parse_yaml, read_text
 from tunelab.data.template.base import Template
 from tunelab.data.template.chat import ChatTemplate
 from tunelab.data.template.strings import TemplateError
@@ -62,13 +63,8 @@ _YAML_FIELDS = {f.name: f for f in fields(ChatTemplate) if f.name != "enable_thi
 
 def load_template_file(path: str | Path) -> ChatTemplate:
     """A `ChatTemplate` from a YAML file of its fields (see the module docstring)."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise TemplateError(f"{path}: cannot read the template file: {err}") from err
+    data = parse_yaml(read_text(path, TemplateError), path, TemplateError)
     if not isinstance(data, dict):
         raise TemplateError(f"{path}: a template file holds a mapping of template fields (user, assistant, ...)")
     base = data.pop("base", None)
@@ -175,8 +171,5 @@ def _jinja_template(config: Any, tokenizer: Any) -> TokenizerTemplate:
             raise TemplateError(f"the tokenizer of {config.model_name_or_path} has no chat template: set `template:` "
                                 f"to the one its model was trained with (one of {', '.join(TEMPLATES)})")
         return template
-    try:
-        text = Path(config.template).read_text(encoding="utf-8")
-    except OSError as err:
-        raise TemplateError(f"template file {config.template}: cannot be read: {err}") from err
+    text = read_text(config.template, TemplateError)
     return TokenizerTemplate(tokenizer, config.default_system, config.enable_thinking, own=text, name=config.template)

@@ -1,7 +1,8 @@
 """Text to (prompt, reply) token pieces, and the internal conversation in the form `apply_chat_template` takes.
 
 A template renders a conversation as text cut into prompt, reply, prompt, reply, ... pieces; `split_tokens` tokenizes
-the whole text in one piece, as `tokenizer.apply_chat_template` does, and cuts the ids at the piece borders.
+the whole text in one piece, as `tokenizer.apply_chat_template` does, and cuts the ids at the piece borders
+(`split_tokens_batch`: the same for a whole batch of conversations in one call of the tokenizer).
 """
 
 import json
@@ -21,16 +22,30 @@ def split_tokens(tokenizer: Any, pieces: list[str]) -> list[list[int]]:
     newline after "assistant\\n") goes to the later piece. Fast tokenizers give each token's character span; others
     are cut where the whole-text ids stop agreeing with the ids of the text up to each border.
     """
+    return split_tokens_batch(tokenizer, [pieces])[0]
+
+
+def split_tokens_batch(tokenizer: Any, texts: list[list[str]]) -> list[list[list[int]]]:
+    """`split_tokens` of many texts (each a list of pieces), tokenized by one call of the tokenizer's batch path.
+
+    One call per `datasets.map` batch crosses into Rust once instead of once per sample, and lets the tokenizer's
+    threads share the texts when TOKENIZERS_PARALLELISM allows (one worker then uses every core for tokenizing).
+    """
     backend = _backend(tokenizer)
     if backend is None:
-        return _split_by_prefixes(tokenizer, pieces)
-    encoding = backend.encode("".join(pieces), add_special_tokens=False)
-    full, ends = encoding.ids, [end for _, end in encoding.offsets]
-    if any(a > b for a, b in zip(ends, ends[1:])):
-        return _split_by_prefixes(tokenizer, pieces)
-    borders = accumulate(len(piece) for piece in pieces[:-1])
-    cuts = [0, *(bisect_right(ends, border) for border in borders), len(full)]
-    return [full[a:b] for a, b in zip(cuts, cuts[1:])]
+        return [_split_by_prefixes(tokenizer, pieces) for pieces in texts]
+    encodings = backend.encode_batch(["".join(pieces) for pieces in texts], add_special_tokens=False)
+    out = []
+    for encoding, pieces in zip(encodings, texts):
+        ends = [end for _, end in encoding.offsets]
+        if ends != sorted(ends):  # bisecting needs ordered spans; without them the prefixes find the cut
+            out.append(_split_by_prefixes(tokenizer, pieces))
+            continue
+        full = encoding.ids
+        borders = accumulate(len(piece) for piece in pieces[:-1])
+        cuts = [0, *(bisect_right(ends, border) for border in borders), len(full)]
+        out.append([full[a:b] for a, b in zip(cuts, cuts[1:])])
+    return out
 
 
 _PROBE = "<|im_start|>user\n Hi  there,\t世界!\n\n</s><s>[INST] ok ✓<|im_end|>\n"
