@@ -101,8 +101,8 @@ class _HiddenStatesThrough(torch.nn.Module):
 @contextmanager
 def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module | None]:
     """Inside, the model's forward gives its final hidden states as `.logits`; yields the output head. Yields None
-    and changes nothing for a model whose logits are more than head(hidden), which has no `lm_head`, or whose head
-    is sharded (DeepSpeed ZeRO-3, FSDP)."""
+    and changes nothing for a model whose logits are more than head(hidden), which has no `lm_head`, whose head
+    is sharded (DeepSpeed ZeRO-3, FSDP), or whose head DDP trains."""
     causal_lm = model
     while hasattr(causal_lm, "module"):   # DDP, a DeepSpeed engine
         causal_lm = causal_lm.module
@@ -111,7 +111,11 @@ def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module | None
         causal_lm = causal_lm.get_base_model()
     text_config = causal_lm.config.get_text_config()
     head = getattr(causal_lm, "lm_head", None)
-    if (head is None or any(getattr(text_config, name, None) for name in LOGIT_TRANSFORMS)
+    # DDP's reducer expects each trained weight's gradient once per backward, from its own forward: a trained head
+    # run after that forward is refused ("marked ready twice"), so under DDP only a frozen head is split off.
+    ddp_trains_head = (isinstance(model, torch.nn.parallel.DistributedDataParallel) and head is not None
+                       and any(param.requires_grad for param in head.parameters()))
+    if (head is None or ddp_trains_head or any(getattr(text_config, name, None) for name in LOGIT_TRANSFORMS)
             or any(_sharded(param) for param in head.parameters())):
         yield None
         return
