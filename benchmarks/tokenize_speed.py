@@ -28,9 +28,10 @@ per core count:
   time, for which no build matches the CPU torch here; the text path never calls it, so the child gets an empty
   `torchaudio` module on its path (a folder this script writes into its temp dir).
 
-The rate is samples per second of wall time, the best of `--repeat` runs (the least disturbed by anything else on
-the machine; the load average at the start of each row is printed). `--sizes` instead times tunelab with one process
-and with one worker per core on every core, for each dataset size: where workers start to pay for their start-up
+The rate is samples per second of wall time, the best of `--repeat` rounds; a round runs every row once, so the load
+of anything else on the machine falls on all rows alike (the load average at the start of each round is printed).
+Both tools' children import `datasets` before the clock starts. `--sizes` instead times tunelab with one process and
+with one worker per core on every core, for each dataset size: where workers start to pay for their start-up
 (tunelab's `workers.ROWS_PER_WORKER`).
 
 The tokenizer comes from ../shared/tokenizers/qwen2.5-instruct (see SOURCES.md there).
@@ -230,7 +231,8 @@ def compare(args: argparse.Namespace, data_dir: Path, scratch: Path, cores: int,
 
     default_workers = min(cores, args.samples // ROWS_PER_WORKER)
     rows = [("tokenizer alone: encode_batch, ids and spans (the ceiling)", sys.executable, "ceiling", 0),
-            (f"tunelab, defaults ({max(default_workers, 1)} process(es))", sys.executable, "tunelab", 0)]
+            (f"tunelab, defaults ({f'{default_workers} workers' if default_workers > 1 else '1 process'})",
+             sys.executable, "tunelab", 0)]
     if cores > 1:
         other = cores if default_workers <= 1 else 1
         rows.append((f"tunelab, preprocessing_num_workers: {other}", sys.executable, "tunelab", other))

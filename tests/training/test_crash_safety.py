@@ -38,8 +38,9 @@ from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.output_dir import prepare_output_dir
 from helpers import read_log, run_config
 
-# About 1.7 steps are made between two kills on average: 60 steps leave room for 20 kills before the run ends.
-STEPS = 60
+# A kill comes after 1-4 steps (up to 3 saves, or 1-2 logged steps and part of one more, and a fast machine makes a
+# few more before the signal lands): 150 steps leave room for 20 kills before the run ends.
+STEPS = 150
 KILLS = 20
 #: The kinds of kill and how often each is drawn: as a new checkpoint folder appears (during a save), a random
 #: moment into a training step, a random moment of the start-up (while the run loads and resumes).

@@ -14,8 +14,9 @@ import os
 
 #: A worker pays for its start-up (a forked process that unpickles the tokenizer, template and config: about a
 #: second for Qwen's 151k vocabulary) only with this many rows to tokenize; below, one process is faster, its
-#: tokenizer's threads already sharing each batch's texts over the cores. Measured in benchmarks/README.md.
-ROWS_PER_WORKER = 15_000
+#: tokenizer's threads already sharing each batch's texts over the cores. On 2 cores, 2 workers overtake one process
+#: between 15,000 and 20,000 samples (benchmarks/README.md, `tokenize_speed.py --sizes`).
+ROWS_PER_WORKER = 10_000
 
 
 def available_cores() -> int:
