@@ -1,10 +1,11 @@
 """SFT LoRA training speed and memory, tunelab and LLaMA-Factory on the same config, back to back on this machine.
 
-    .venv/bin/python benchmarks/train_speed.py [--model llama-97m] [--steps 10] [--dtypes fp32 bf16]
+    .venv/bin/python benchmarks/train_speed.py [--model llama-97m] [--steps 10] [--dtypes fp32 bf16] [--batch 1]
         [--llamafactory /tmp/lfvenv/bin/llamafactory-cli]      # needs ../shared (tokenizers, data)
 
 The run (issue 15's benchmark): LoRA rank 8 on all linear layers, `identity,alpaca_en_demo` from ../shared/lf_data,
-cutoff 1024, batch 1 x accumulation 8, learning rate 1e-4, seed 42, `--steps` optimizer steps. `--model`:
+cutoff 1024, 8 samples a step as batch `--batch` x accumulation 8 / `--batch` (default 1 x 8), learning rate 1e-4,
+seed 42, `--steps` optimizer steps. `--model`:
 
 - `llama-97m`: a random Llama of SmolLM2-135M's shape with 19 of its 30 layers (95.6M parameters, tied embeddings,
   SmolLM2's 49,152-word tokenizer), template `smollm2`;
@@ -13,7 +14,9 @@ cutoff 1024, batch 1 x accumulation 8, learning rate 1e-4, seed 42, `--steps` op
 
 Rows, each in a fresh process, one at a time: tunelab with its defaults; with `--llamafactory`, LLaMA-Factory with
 its defaults (gradient checkpointing on) and with checkpointing off (its fastest setting); in bf16 (`bf16: true`,
-which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same. tokens/s is taken from each run's
+which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same. With `--batch` above 1, also tunelab
+with `padding_free: true` (each micro-batch one row without padding). tokens/s counts the samples' tokens, not the
+padding (`include_num_input_tokens_seen: non_padding` in both tools), from each run's
 trainer_log.jsonl (`total_tokens` over `elapsed_time`) between the first and the last step, so start-up, data
 preparation and the first step's warm-up are left out; peak RSS is the process's ru_maxrss. "machine" is the share
 of the measured matmul rate for the dtype (a 2048^3 matmul on all cores) that the run's matmuls reach, counting
@@ -41,7 +44,7 @@ COMMON = {"stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_ran
           "dataset": "identity,alpaca_en_demo", "dataset_dir": str(SHARED / "lf_data"), "cutoff_len": 1024,
           "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "learning_rate": 1e-4,
           "lr_scheduler_type": "cosine", "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-          "include_num_input_tokens_seen": True, "seed": 42, "overwrite_output_dir": True,
+          "include_num_input_tokens_seen": "non_padding", "seed": 42, "overwrite_output_dir": True,
           "preprocessing_num_workers": 1}
 
 
@@ -147,16 +150,18 @@ def main() -> None:
     parser.add_argument("--model", default="llama-97m", choices=["llama-97m", "smollm2", "qwen-vocab"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch", type=int, default=1, choices=[1, 2, 4, 8], help="samples per micro-batch")
     parser.add_argument("--llamafactory", help="llamafactory-cli of a LLaMA-Factory venv, to run it side by side")
     parser.add_argument("--keep", help="keep the runs' folders here")
     args = parser.parse_args()
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="train_speed_"))
     model_dir, template = build_model(args.model, work / "model")
-    config = {**COMMON, "model_name_or_path": str(model_dir), "template": template, "max_steps": args.steps}
+    config = {**COMMON, "model_name_or_path": str(model_dir), "template": template, "max_steps": args.steps,
+              "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 8 // args.batch}
     per_token = flops_per_token(model_dir)
     print(f"{args.model}: {per_token / 1e9:.2f} GFLOP per token; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {os.cpu_count()} CPUs")
+          f"{torch.get_num_threads()} threads; {os.cpu_count()} CPUs; batch {args.batch} x {8 // args.batch}")
 
     rows = []
     for dtype in args.dtypes:
@@ -164,12 +169,14 @@ def main() -> None:
         rate = matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32)
         print(f"{dtype} matmul: {rate / 1e9:.0f} GFLOP/s")
         runs = [(f"tunelab defaults, {dtype}", TUNELAB, precision)]
+        if args.batch > 1:
+            runs.append((f"tunelab padding_free, {dtype}", TUNELAB, {**precision, "padding_free": True}))
         if args.llamafactory:
             lf = [args.llamafactory, "train"]
             lf_precision = {**precision, "use_cpu": True} if dtype == "bf16" else {}
             if dtype == "fp32":
                 runs.insert(0, ("LLaMA-Factory defaults (checkpointing on), fp32", lf, {}))
-            runs.insert(-1, (f"LLaMA-Factory, checkpointing off, {dtype}", lf,
+            runs.insert(-1 - (args.batch > 1), (f"LLaMA-Factory, checkpointing off, {dtype}", lf,
                              {**lf_precision, "disable_gradient_checkpointing": True}))
         for label, command, extra in runs:
             result = run(command, {**config, **extra}, work / f"run{len(rows)}")

@@ -214,13 +214,13 @@ def test_liger_kernel_turns_on_tunelabs_liger(name, enabled):
     assert values.get("enable_liger_kernel", False) is enabled
 
 
-def test_padding_free_runs_as_padded_batches_of_the_same_samples(caplog):
-    """v1's padding_free packs a micro-batch's samples into one row: the same samples and loss as padded batches.
-    It is not `neat_packing`, which would put more samples in each micro-batch."""
+def test_padding_free_is_tunelabs_padding_free():
+    """v1's padding_free packs a micro-batch's samples into one row, as `padding_free` does. It is not
+    `neat_packing`, which would put more samples in each micro-batch."""
     values = translated("model: m\nmicro_batch_size: 4\nbatching_strategy: padding_free\n")
-    assert values["per_device_train_batch_size"] == 4
+    assert values["per_device_train_batch_size"] == 4 and values["padding_free"] is True
     assert not values.get("neat_packing") and not values.get("packing")
-    assert "`batching_strategy: padding_free` (v1) runs as padded batches of the same samples" in caplog.text
+    assert "padding_free" not in translated("model: m\nmicro_batch_size: 4\nbatching_strategy: normal\n")
 
 
 # ------------------------------------------------------------------ refusals, by v1 name and with the reason

@@ -301,10 +301,9 @@ def _speed(t: V1Translation) -> None:
         t.set("enable_liger_kernel", True, "kernel_config.name")
     if t.raw.get("batching_strategy") == "padding_free":
         # v1 packs a micro-batch's micro_batch_size samples into one row (positions restarting per sample, no
-        # attention across them) and averages the loss over the step's tokens: padding them gives the same loss.
-        # `neat_packing` fills rows of cutoff_len tokens, micro_batch_size rows a micro-batch: more samples a step.
-        logger.warning("%s: `batching_strategy: padding_free` (v1) runs as padded batches of the same samples, "
-                       "with the same loss; pad tokens take memory and time", t.origin)
+        # attention across them), as tunelab's `padding_free` does; `neat_packing` would fill rows of cutoff_len
+        # tokens, micro_batch_size rows a micro-batch: more samples a step.
+        t.set("padding_free", True, "batching_strategy")
 
 
 def _distributed(t: V1Translation) -> None:

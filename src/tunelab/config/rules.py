@@ -143,6 +143,9 @@ RULES: tuple[Rule, ...] = (
          "`fsdp` and `deepspeed` are two engines for the same job: keep one"),
     Rule(lambda c: not _stage(c).next_token_loss and (c.packing or c.neat_packing),
          f"`packing` applies to {stages_where(lambda s: s.next_token_loss)}: the other stages score whole samples"),
+    Rule(lambda c: not _stage(c).next_token_loss and c.padding_free,
+         f"`padding_free` applies to {stages_where(lambda s: s.next_token_loss)}: the other stages score whole "
+         "samples"),
     Rule(lambda c: c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid",
          "`dpo_label_smoothing` applies to `stage: dpo` with `pref_loss: sigmoid` only"),
     Rule(lambda c: c.pref_ftx > 0 and c.pref_loss == "orpo",

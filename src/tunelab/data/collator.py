@@ -17,6 +17,12 @@ LLaMA-Factory does), so the tokenized data stays small; with `dataloader_num_wor
 
 Padding goes on the right, or on the left when `tokenizer.padding_side == "left"` (generation), read at every call.
 
+`padding_free=True` (sft and pt text rows) puts no padding at all: the batch becomes one row holding its samples back
+to back, with position_ids restarting at 0 for each sample, no attention_mask, and the first label of every sample
+-100 (the previous sample's last token must not learn to predict it; alone, a first token is never predicted
+either). The model then keeps the samples apart as it does neat-packed rows, and with `sdpa_segments`
+(model/segment_attention.py) attends within each at the cost of the samples alone.
+
 Neat-packed rows (`tunelab.data.packing`) have position_ids and no attention_mask, and get none here: an
 attention_mask would stop transformers from isolating the packed samples. Their pad positions are 0, so each pad
 token counts as a sample of its own and no real token attends to it.
@@ -39,18 +45,22 @@ SCALAR_COLUMNS = ("kto_tags",)
 class DataCollator:
     """Pads the sequence columns it knows, keeps scalar ones, drops the rest; returns torch tensors."""
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None, media: Any = None) -> None:
+    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None, media: Any = None,
+                 padding_free: bool = False) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; `Template.prepare_tokenizer` sets it before batching")
         self.tokenizer = tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of
         self.media = media
+        self.padding_free = padding_free
         self.pad_values = {prefix + name: tokenizer.pad_token_id if value is None else value
                            for prefix in PREFIXES for name, value in PAD_VALUES.items()}
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        if self.padding_free:
+            return {name: torch.tensor([values], dtype=torch.long) for name, values in flatten(features).items()}
         batch = {}
         for column in features[0]:
             values = [row[column] for row in features]
@@ -72,6 +82,17 @@ class DataCollator:
         left = self.tokenizer.padding_side == "left"
         return [[value] * (length - len(row)) + list(row) if left else list(row) + [value] * (length - len(row))
                 for row in rows]
+
+
+def flatten(features: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Rows of input_ids and labels (position_ids too when neat-packed) -> one row, positions restarting per sample."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for features_row in features:
+        ids, labels = features_row["input_ids"], features_row["labels"]
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE_INDEX, *labels[1:]][:len(labels)]
+        row["position_ids"] += features_row.get("position_ids") or range(len(ids))
+    return row
 
 
 class PairwiseCollator:

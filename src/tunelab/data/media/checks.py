@@ -44,6 +44,9 @@ def refuse_media_setup(config: Any, media: Any, packing: bool) -> None:
                         "images would have to follow them into the packed rows); leave them off")
     if config.streaming:
         raise DataError("`streaming` cannot feed a vision-language model yet; leave it off")
+    if config.padding_free:
+        raise DataError("`padding_free` cannot batch the samples of a vision-language model yet (their 3D positions "
+                        "do not restart per sample); leave it off")
 
 
 def measure_media(converted: Any, spec: DatasetSpec, config: Any, media: Any, kind: str, rows: list[int] | None,

@@ -15,6 +15,7 @@ from tunelab.config import Config
 from tunelab.data import DataCollator
 from tunelab.model import load_model
 from tunelab.model.frozen import load_reference_model
+from tunelab.model.segment_attention import use_padding_free
 from tunelab.training.callbacks import TrainerLogCallback
 from tunelab.training.moe import enable_router_loss
 from tunelab.training.predict import predict
@@ -34,10 +35,12 @@ def run(config: Config) -> dict[str, Any]:
     # ASFT's anchor is the model before training; without training the policy is that model.
     reference = load_reference_model(config, tokenizer) if config.use_asft_loss and config.do_train else None
     # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
-    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media)
+    padding_free = use_padding_free(config, model, start.media)
+    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media,
+                            padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                          data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()],
-                         config=config, reference=reference)
+                         config=config, reference=reference, padding_free=padding_free)
     results = train_and_report(trainer, config, resume_from)
     if config.do_predict:
         results.update(predict(trainer, config, start.template, start.media))

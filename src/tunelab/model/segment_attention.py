@@ -1,0 +1,87 @@
+"""sdpa attention that runs a padding-free row sample by sample, so flattening a batch costs no attention work.
+
+    padding_free = use_padding_free(config, model, media)   # the run's choice; switches sdpa to `sdpa_segments`
+
+A padding-free batch (`padding_free: true`, data/collator.py) is one row holding the micro-batch's samples back to
+back, position ids restarting at 0 for each. transformers reads the restarts as packed samples and hands every layer
+a block-diagonal causal mask. Given any mask, torch's sdpa leaves its causal kernel for the masked one, which scores
+every token of the row against every other: on a CPU, slower than padding the batch. This implementation (registered
+with transformers as `sdpa_segments`, with sdpa's own masks) recognises the block-diagonal causal mask of a one-row
+batch and runs sdpa's causal kernel on each sample's block: the attention work of the samples alone, and the linear
+layers see all their tokens in one matrix. Every other mask (padding, sliding windows, a KV cache) goes to sdpa as it
+is. FlashAttention 2 and 3 split packed rows by their position ids themselves and need nothing from here.
+"""
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from tunelab.config import Config, ConfigError
+from tunelab.config.stages import STAGE_SPECS
+
+logger = logging.getLogger(__name__)
+
+NAME = "sdpa_segments"
+
+
+def sample_starts(mask: torch.Tensor | None) -> list[int] | None:
+    """Where each sample of a one-row block-diagonal causal mask starts, or None when `mask` is anything else."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[:2] != (1, 1) \
+            or mask.shape[2] != mask.shape[3]:
+        return None
+    grid = mask[0, 0]
+    # A sample starts at each row that does not see the token before it.
+    starts = [0, *((~grid.diagonal(-1)).nonzero().flatten() + 1).tolist()]
+    sample = torch.zeros(len(grid), dtype=torch.long, device=grid.device)
+    sample[starts[1:]] = 1
+    sample = sample.cumsum(0)
+    block_causal = (sample[:, None] == sample[None, :]).tril()
+    return starts if torch.equal(grid, block_causal) else None
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: [1, heads, T, dim] inputs -> [1, T, heads, dim] output."""
+    starts = sample_starts(attention_mask)
+    if starts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    ends = [*starts[1:], query.shape[2]]
+    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+               for a, b in zip(starts, ends)]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_segment_attention(model: Any) -> None:
+    """Switch a model that runs sdpa to `sdpa_segments` (registered with transformers on first use)."""
+    AttentionInterface.register(NAME, segment_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+
+
+def use_padding_free(config: Config, model: Any, media: Any = None) -> bool:
+    """Whether the run batches padding-free (`padding_free`; unset: where it is safe and saves work), switching a model
+    that runs sdpa to `sdpa_segments` when it does.
+
+    Safe means a next-token stage (sft, pt) on text (vision-language positions do not restart per sample yet) and a
+    model class of transformers, which keeps the samples of a row apart by their position ids: a class from the
+    model's own code (`trust_remote_code`) may not, and its samples would see each other."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    native = type(base).__module__.startswith("transformers.")
+    wanted = config.padding_free
+    if wanted is None:
+        several = max(config.per_device_train_batch_size, config.per_device_eval_batch_size) > 1
+        wanted = STAGE_SPECS[config.stage].next_token_loss and media is None and native and several
+    elif wanted and not native:
+        raise ConfigError(f"`padding_free` needs a model class of transformers, which keeps the samples of a row "
+                          f"apart by their position ids; {type(base).__name__} comes from the model's own code "
+                          f"({type(base).__module__}): leave `padding_free` off")
+    if wanted:
+        if base.config._attn_implementation == "sdpa":
+            use_segment_attention(base)
+        logger.info("padding_free: each micro-batch is one row without padding (attention: %s)",
+                    base.config._attn_implementation)
+    return wanted

@@ -1,0 +1,151 @@
+"""`padding_free`: a micro-batch's samples as one row without padding, each attending only to itself.
+
+The flattened row must give every sample the logits, loss and gradients it has alone, with `sdpa_segments` (each
+sample's block through sdpa's causal kernel) as with transformers' own block-diagonal mask; and a training run must
+repeat the padded run's losses and weights, step for step.
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab.config import ConfigError, load_config
+from tunelab.data import DataCollator
+from tunelab.data.processing import IGNORE_INDEX
+from tunelab.model.segment_attention import NAME, sample_starts, use_padding_free, use_segment_attention
+from helpers import read_log, run_config
+
+
+def block_causal(starts: list[int], length: int) -> torch.Tensor:
+    """The [1, 1, T, T] mask of samples starting at `starts`, each attending causally to itself."""
+    grid = torch.zeros(length, length, dtype=torch.bool)
+    for start, end in zip(starts, [*starts[1:], length]):
+        grid[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    return grid[None, None]
+
+
+def test_only_a_one_row_block_diagonal_causal_mask_is_split_into_samples():
+    assert sample_starts(block_causal([0, 3, 7], 10)) == [0, 3, 7]
+    assert sample_starts(block_causal([0], 6)) == [0]
+    leaking = block_causal([0, 3, 7], 10)
+    leaking[0, 0, 5, 1] = True  # a token of the second sample sees one of the first
+    sliding = block_causal([0], 8) & ~block_causal([0], 8).tril(-3)  # each token sees the 3 before it at most
+    for mask in (leaking, sliding, block_causal([0, 3], 6).expand(2, 1, 6, 6),  # two rows (a padded batch)
+                 block_causal([0, 3], 6).float(), block_causal([0, 3], 6)[..., :5, :], None):
+        assert sample_starts(mask) is None
+
+
+def samples(lengths: list[int], prompt: int = 3) -> list[dict]:
+    """Rows of random tokens; the first `prompt` labels of each are not trained."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length in lengths:
+        ids = torch.randint(5, 200, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+def summed_loss(model, batch: dict) -> torch.Tensor:
+    """The next-token cross-entropy summed over the batch's trained tokens."""
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@pytest.mark.parametrize("segments", [True, False], ids=["sdpa_segments", "transformers-mask"])
+def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_model_dir, segments):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = samples([9, 23, 5, 16])
+    alone_logits, alone_grads = [], []
+    for row in rows:
+        batch = DataCollator(tokenizer)([row])
+        loss = summed_loss(model, batch)
+        loss.backward()
+        alone_logits.append(model(**batch, use_cache=False).logits[0].detach())
+    alone_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    if segments:
+        use_segment_attention(model)
+        assert model.config._attn_implementation == NAME
+    flat = DataCollator(tokenizer, padding_free=True)(rows)
+    assert set(flat) == {"input_ids", "labels", "position_ids"} and flat["input_ids"].shape == (1, 53)
+    assert flat["position_ids"][0].tolist() == [*range(9), *range(23), *range(5), *range(16)]
+    summed_loss(model, flat).backward()
+    logits = model(**flat, use_cache=False).logits[0].detach()
+    start = 0
+    for row, expected in zip(rows, alone_logits):
+        torch.testing.assert_close(logits[start:start + len(row["input_ids"])], expected, atol=1e-5, rtol=1e-4)
+        start += len(row["input_ids"])
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path):
+    runs = {}
+    for name, more in (("padded", {"padding_free": False}), ("padding_free", {})):
+        out = tmp_path / name
+        tunelab.train(run_config(tiny_model_dir, out, max_steps=6, logging_steps=1, save_steps=6, cutoff_len=64,
+                                 per_device_train_batch_size=4, gradient_accumulation_steps=2, **more))
+        runs[name] = (read_log(out), load_file(out / "adapter_model.safetensors"), out)
+        tokens = json.loads((out / "trainer_state.json").read_text())["num_input_tokens_seen"]
+        assert tokens == runs.setdefault("tokens", tokens), "the same tokens are counted, padding left out"
+    (padded, padded_weights, _), (flat, flat_weights, out) = runs["padded"], runs["padding_free"]
+    steps = [record for record in padded if "loss" in record]
+    assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
+    for one, other in zip(steps, [record for record in flat if "loss" in record]):
+        assert one["loss"] == pytest.approx(other["loss"], rel=1e-5)
+        assert one["grad_norm"] == pytest.approx(other["grad_norm"], rel=1e-4)
+    for name, weight in padded_weights.items():
+        torch.testing.assert_close(flat_weights[name], weight, atol=1e-5, rtol=1e-4)
+    # The attention implementation is the run's own: the saved model loads with transformers' default.
+    assert NAME not in (out / "adapter_config.json").read_text()
+    assert NAME not in json.dumps(json.loads((out / "checkpoint-6" / "adapter_config.json").read_text()))
+
+
+def test_padding_free_is_on_by_default_where_a_batch_holds_several_samples(tiny_model_dir, tmp_path):
+    from tunelab.model import load_model, load_tokenizer
+
+    for keys, used, attention in (({}, True, NAME), ({"padding_free": False}, False, "sdpa"),
+                                  ({"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1}, False, "sdpa"),
+                                  ({"padding_free": True, "per_device_train_batch_size": 1}, True, NAME),
+                                  ({"flash_attn": "eager"}, True, "eager")):
+        config = load_config(run_config(tiny_model_dir, tmp_path, **keys))
+        model = load_model(config, load_tokenizer(config), trainable=True)
+        assert use_padding_free(config, model) is used, keys
+        assert model.config._attn_implementation == attention, keys
+    config = load_config(run_config(tiny_model_dir, tmp_path))
+    assert use_padding_free(config, load_model(config, load_tokenizer(config)), media=object()) is False
+
+
+def test_padding_free_is_refused_where_whole_samples_are_scored(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="`padding_free` applies to"):
+        load_config(run_config(tiny_model_dir, tmp_path, stage="rm", padding_free=True))
+
+
+def test_padding_free_is_refused_for_a_model_class_from_remote_code(tiny_model_dir, tmp_path):
+    """Remote code may build its attention mask without reading the position ids: its samples would see each other."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "remote")
+    (folder / "modeling_remote.py").write_text("from transformers import LlamaForCausalLM\n\n\n"
+                                               "class RemoteLlama(LlamaForCausalLM):\n    pass\n")
+    model_config = json.loads((folder / "config.json").read_text())
+    model_config["auto_map"] = {"AutoModelForCausalLM": "modeling_remote.RemoteLlama"}
+    (folder / "config.json").write_text(json.dumps(model_config))
+    from tunelab.model import load_model, load_tokenizer
+
+    config = load_config(run_config(folder, tmp_path / "out", trust_remote_code=True))
+    model = load_model(config, load_tokenizer(config), trainable=True)
+    assert use_padding_free(config, model) is False  # unset: off
+    with pytest.raises(ConfigError, match="`padding_free` needs a model class of transformers.*RemoteLlama comes "
+                                          "from the model's own code"):
+        use_padding_free(replace(config, padding_free=True), model)
