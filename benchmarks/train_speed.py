@@ -15,13 +15,14 @@ seed 42, `--steps` optimizer steps. `--model`:
 Rows, each in a fresh process, one at a time: tunelab with its defaults; with `--llamafactory`, LLaMA-Factory with
 its defaults (gradient checkpointing on) and with checkpointing off (its fastest setting); in bf16 (`bf16: true`,
 which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same. With `--batch` above 1, tunelab's
-defaults batch padding-free (each micro-batch one row without padding), and a row with `padding_free: false` pads. tokens/s counts the samples' tokens, not the
-padding (`include_num_input_tokens_seen: non_padding` in both tools), from each run's
-trainer_log.jsonl (`total_tokens` over `elapsed_time`) between the first and the last step, so start-up, data
-preparation and the first step's warm-up are left out; peak RSS is the process's ru_maxrss. "machine" is the share
-of the measured matmul rate for the dtype (a 2048^3 matmul on all cores) that the run's matmuls reach, counting
-2 x parameters FLOPs per token for each forward matmul and twice that for the backward of trained weights and of the
-activations (attention scores and element-wise work not counted). Run it with nothing else running.
+defaults batch padding-free (each micro-batch one row without padding), and a row with `padding_free: false` pads.
+tokens/s counts the samples' tokens, not the padding (`include_num_input_tokens_seen: non_padding` in both tools),
+from each run's trainer_log.jsonl (`total_tokens` over `elapsed_time`, whole seconds: give short runs more `--steps`)
+between the first and the last step, so start-up, data preparation and the first step's warm-up are left out; peak
+RSS is the process's ru_maxrss. "machine" is the share of the measured matmul rate for the dtype (a 2048^3 matmul on
+all cores) that the run's matmuls reach, counting 2 x parameters FLOPs per token for each forward matmul and twice
+that for the backward of trained weights and of the activations (attention scores and element-wise work not
+counted). Run it with nothing else running.
 """
 
 import argparse
@@ -56,9 +57,11 @@ def build_model(name: str, folder: Path) -> tuple[Path, str]:
     torch.manual_seed(0)
     if name == "smollm2":
         from tunelab.model.embedded import resolve_embedded
+        from tunelab.model.loader import forget_gguf_origin
 
         gguf = Path(resolve_embedded("tunelab:smollm2-135m-instruct"))
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        forget_gguf_origin(model)  # float weights now: saved as an ordinary model
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         template = "smollm2"
     elif name == "llama-97m":

@@ -2,21 +2,18 @@
 
     tunelab train examples/quickstart.yaml --dry-run
 
-It builds what the run builds (arguments, tokenizer and template, the tokenized data through the cache, the model
-with its method, the stage's Trainer and optimizer) in a temporary `output_dir`, so nothing of the user's is read or
-touched, and takes 1 + TIMED_STEPS real steps of `Trainer.train` with accumulation 1: a random batch (the warm-up,
-which creates the optimizer's state), the longest batch (the per_device_train_batch_size longest rows: its step
-peaks as the run's worst would), then random ones. The peak is measured over them: resident memory on a CPU, where
-the C allocator keeps much of what a step frees; `torch.cuda.max_memory_allocated` on a GPU.
+It builds what the run builds (arguments, tokenizer and template, tokenized data through the cache, the model with
+its method, the stage's Trainer and optimizer) in a temporary `output_dir`, touching nothing of the user's, and takes
+1 + TIMED_STEPS steps of `Trainer.train` with accumulation 1: a random batch (the warm-up, which creates the
+optimizer's state), the longest batch (its step peaks as the run's worst would), then random ones. The peak is
+measured over them: resident memory on a CPU, `torch.cuda.max_memory_allocated` on a GPU.
 
-The peak is broken down: weights, gradients and optimizer state from the tensors themselves; activations from one
-more forward pass of the longest batch under the run's autocast, counting what autograd keeps for the backward pass
-per decoder layer (checkpointed, a layer keeps only its input and one layer at a time is rebuilt whole); logits from
-the most the output head gives at once (all of them, or one chunk where the loss applies it in chunks). A step takes
-accumulation x (seconds per token of the timed steps x tokens of an average batch) + the optimizer step.
-
-Figures are per process; under torchrun each process holds this much. DeepSpeed and FSDP (which shard weights,
-gradients and optimizer state) are left out. ppo and grpo, whose steps are mostly generation, are refused.
+The peak is broken down: weights, gradients and optimizer state from the tensors; activations from one more forward
+pass of the longest batch under the run's autocast, counting what autograd keeps per decoder layer (checkpointed, a
+layer keeps its input and one layer at a time is rebuilt whole); logits from the most the output head gives at once.
+A step takes accumulation x (seconds per token of the timed steps x tokens of an average batch: its padded rows, or
+padding-free its samples) + the optimizer step. Figures are per process (under torchrun, each holds this much),
+without DeepSpeed's and FSDP's sharding. ppo and grpo, whose steps are mostly generation, are refused.
 """
 
 import math
@@ -46,6 +43,7 @@ from tunelab.data.stats import SEQUENCES
 from tunelab.model import count_parameters, load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.model.layers import decoder_layers_prefix, num_layers
+from tunelab.model.segment_attention import use_padding_free
 from tunelab.model.value_head import ValueHeadModel
 from tunelab.training.moe import enable_router_loss
 from tunelab.training.optimizers import attach_optimizer
@@ -71,9 +69,10 @@ def _sft(config: Config) -> Trainer:
     if config.moe_aux_loss_coef is not None:
         enable_router_loss(model, config.moe_aux_loss_coef)
     reference = load_reference_model(config, start.tokenizer) if config.use_asft_loss else None
-    collator = DataCollator(start.tokenizer, None if start.args.use_cpu else 8, start.media)
+    padding_free = use_padding_free(config, model, start.media)
+    collator = DataCollator(start.tokenizer, None if start.args.use_cpu else 8, start.media, padding_free)
     return SFTTrainer(model=model, args=start.args, train_dataset=start.splits.train, data_collator=collator,
-                      processing_class=start.tokenizer, config=config, reference=reference)
+                      processing_class=start.tokenizer, config=config, reference=reference, padding_free=padding_free)
 
 
 def _rm(config: Config) -> Trainer:
@@ -202,9 +201,10 @@ def _measure(config: Config, trainer: Trainer, on_gpu: bool, baseline: int) -> D
     trainer.train_dataset = train.select([int(i) for rows in order for i in rows])
     trainer.train()
     peak = _memory(on_gpu, peak=True)
-    per_token = median(seconds / (len(rows) * lengths[rows].max())
-                       for seconds, rows in zip(clock.seconds(0)[1:], order[1:]))
-    average_tokens = len(longest) * rng.choice(lengths, size=(256, len(longest))).max(axis=1).mean()
+    padding_free = getattr(trainer.data_collator, "padding_free", False)  # tokens: the samples' own, or padded rows
+    tokens_of = (lambda rows: lengths[rows].sum()) if padding_free else lambda rows: len(rows) * lengths[rows].max()
+    per_token = median(seconds / tokens_of(rows) for seconds, rows in zip(clock.seconds(0)[1:], order[1:]))
+    average_tokens = np.mean([tokens_of(rows) for rows in rng.choice(len(lengths), size=(256, len(longest)))])
 
     batch = trainer.data_collator([train[int(i)] for i in longest])
     batch = {name: value.to(trainer.args.device) if torch.is_tensor(value) else value for name, value in batch.items()}
