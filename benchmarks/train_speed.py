@@ -14,8 +14,8 @@ seed 42, `--steps` optimizer steps. `--model`:
 
 Rows, each in a fresh process, one at a time: tunelab with its defaults; with `--llamafactory`, LLaMA-Factory with
 its defaults (gradient checkpointing on) and with checkpointing off (its fastest setting); in bf16 (`bf16: true`,
-which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same. With `--batch` above 1, tunelab's
-defaults batch padding-free (each micro-batch one row without padding), and a row with `padding_free: false` pads.
+which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same. With `--batch` above 1, also tunelab
+with `padding_free: true` (each micro-batch one row without padding).
 tokens/s counts the samples' tokens, not the padding (`include_num_input_tokens_seen: non_padding` in both tools),
 from each run's trainer_log.jsonl (`total_tokens` over `elapsed_time`, whole seconds: give short runs more `--steps`)
 between the first and the last step, so start-up, data preparation and the first step's warm-up are left out; peak
@@ -173,8 +173,7 @@ def main() -> None:
         print(f"{dtype} matmul: {rate / 1e9:.0f} GFLOP/s")
         runs = [(f"tunelab defaults, {dtype}", TUNELAB, precision)]
         if args.batch > 1:
-            runs.insert(0, (f"tunelab, padded batches (padding_free: false), {dtype}", TUNELAB,
-                            {**precision, "padding_free": False}))
+            runs.append((f"tunelab, padding_free: true, {dtype}", TUNELAB, {**precision, "padding_free": True}))
         if args.llamafactory:
             lf = [args.llamafactory, "train"]
             lf_precision = {**precision, "use_cpu": True} if dtype == "bf16" else {}

@@ -119,6 +119,8 @@ REFUSED = {
                              r"sample 0 \(line 2\) has images \(.*ok.jpg\), which stage ppo cannot take yet"),
     "packing": ([GOOD], {}, {"packing": True}, r"`packing` and `neat_packing` cannot pack the samples of a "
                                                r"vision-language model"),
+    "padding_free": ([GOOD], {}, {"padding_free": True}, r"`padding_free` cannot batch the samples of a "
+                                                         r"vision-language model"),
     "streaming": ([GOOD], {}, {"streaming": True, "max_steps": 10},
                   r"`streaming` cannot feed a vision-language model yet"),
 }

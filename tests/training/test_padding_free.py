@@ -91,7 +91,7 @@ def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_mod
 
 def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path):
     runs = {}
-    for name, more in (("padded", {"padding_free": False}), ("padding_free", {})):
+    for name, more in (("padded", {}), ("padding_free", {"padding_free": True})):
         out = tmp_path / name
         tunelab.train(run_config(tiny_model_dir, out, max_steps=6, logging_steps=1, save_steps=6, cutoff_len=64,
                                  per_device_train_batch_size=4, gradient_accumulation_steps=2, **more))
@@ -111,19 +111,15 @@ def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path):
     assert NAME not in json.dumps(json.loads((out / "checkpoint-6" / "adapter_config.json").read_text()))
 
 
-def test_padding_free_is_on_by_default_where_a_batch_holds_several_samples(tiny_model_dir, tmp_path):
+def test_padding_free_switches_sdpa_to_segment_attention(tiny_model_dir, tmp_path):
     from tunelab.model import load_model, load_tokenizer
 
-    for keys, used, attention in (({}, True, NAME), ({"padding_free": False}, False, "sdpa"),
-                                  ({"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1}, False, "sdpa"),
-                                  ({"padding_free": True, "per_device_train_batch_size": 1}, True, NAME),
-                                  ({"flash_attn": "eager"}, True, "eager")):
+    for keys, used, attention in (({}, False, "sdpa"), ({"padding_free": True}, True, NAME),
+                                  ({"padding_free": True, "flash_attn": "eager"}, True, "eager")):
         config = load_config(run_config(tiny_model_dir, tmp_path, **keys))
         model = load_model(config, load_tokenizer(config), trainable=True)
         assert use_padding_free(config, model) is used, keys
         assert model.config._attn_implementation == attention, keys
-    config = load_config(run_config(tiny_model_dir, tmp_path))
-    assert use_padding_free(config, load_model(config, load_tokenizer(config)), media=object()) is False
 
 
 def test_padding_free_is_refused_where_whole_samples_are_scored(tiny_model_dir, tmp_path):
@@ -145,7 +141,6 @@ def test_padding_free_is_refused_for_a_model_class_from_remote_code(tiny_model_d
 
     config = load_config(run_config(folder, tmp_path / "out", trust_remote_code=True))
     model = load_model(config, load_tokenizer(config), trainable=True)
-    assert use_padding_free(config, model) is False  # unset: off
     with pytest.raises(ConfigError, match="`padding_free` needs a model class of transformers.*RemoteLlama comes "
                                           "from the model's own code"):
         use_padding_free(replace(config, padding_free=True), model)

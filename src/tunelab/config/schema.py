@@ -74,10 +74,8 @@ class DataOptions:
     strict_data: bool = option(False, "Refuse the whole dataset at its first invalid sample instead of skipping it.")
     packing: bool | None = option(None, "Pack several samples into each cutoff_len row (default: on for pt only).")
     neat_packing: bool = option(False, "Pack without attention across samples (position ids restart per sample).")
-    padding_free: bool | None = option(
-        None, "Batch each micro-batch's samples as one row without padding, attention kept within each sample: the "
-              "same loss, no work on pad tokens (default: on for sft and pt on text, with transformers' own model "
-              "classes, when a batch holds several samples).")
+    padding_free: bool = option(False, "Batch each micro-batch's samples as one row without padding, attention kept "
+                                       "within each sample (sft, pt on text): the same loss, no work on pad tokens.")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
         "concat", "How several datasets are mixed: one after another, or interleaved until the shortest/longest ends.")
     interleave_probs: list[float] | None = option(

@@ -1,6 +1,6 @@
 """sdpa attention that runs a padding-free row sample by sample, so flattening a batch costs no attention work.
 
-    padding_free = use_padding_free(config, model, media)   # the run's choice; switches sdpa to `sdpa_segments`
+    padding_free = use_padding_free(config, model)   # the run's choice; switches sdpa to `sdpa_segments`
 
 A padding-free batch (`padding_free: true`, data/collator.py) is one row holding the micro-batch's samples back to
 back, position ids restarting at 0 for each. transformers reads the restarts as packed samples and hands every layer
@@ -21,7 +21,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tunelab.config import Config, ConfigError
-from tunelab.config.stages import STAGE_SPECS
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +61,15 @@ def use_segment_attention(model: Any) -> None:
     model.set_attn_implementation(NAME)
 
 
-def use_padding_free(config: Config, model: Any, media: Any = None) -> bool:
-    """Whether the run batches padding-free (`padding_free`; unset: where it is safe and saves work), switching a model
-    that runs sdpa to `sdpa_segments` when it does.
-
-    Safe means a next-token stage (sft, pt) on text (vision-language positions do not restart per sample yet) and a
-    model class of transformers, which keeps the samples of a row apart by their position ids: a class from the
-    model's own code (`trust_remote_code`) may not, and its samples would see each other."""
+def use_padding_free(config: Config, model: Any) -> bool:
+    """Whether the run batches padding-free (`padding_free`), switching a model that runs sdpa to `sdpa_segments` when
+    it does. The config rules and the data layer refuse it for stages that score whole samples and for images and
+    videos (vision-language positions do not restart per sample yet); here, a model class from the model's own code
+    (`trust_remote_code`), which may not keep the samples of a row apart by their position ids as transformers' own
+    classes do: its samples would see each other."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    native = type(base).__module__.startswith("transformers.")
     wanted = config.padding_free
-    if wanted is None:
-        several = max(config.per_device_train_batch_size, config.per_device_eval_batch_size) > 1
-        wanted = STAGE_SPECS[config.stage].next_token_loss and media is None and native and several
-    elif wanted and not native:
+    if wanted and not type(base).__module__.startswith("transformers."):
         raise ConfigError(f"`padding_free` needs a model class of transformers, which keeps the samples of a row "
                           f"apart by their position ids; {type(base).__name__} comes from the model's own code "
                           f"({type(base).__module__}): leave `padding_free` off")

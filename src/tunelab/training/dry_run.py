@@ -69,7 +69,7 @@ def _sft(config: Config) -> Trainer:
     if config.moe_aux_loss_coef is not None:
         enable_router_loss(model, config.moe_aux_loss_coef)
     reference = load_reference_model(config, start.tokenizer) if config.use_asft_loss else None
-    padding_free = use_padding_free(config, model, start.media)
+    padding_free = use_padding_free(config, model)
     collator = DataCollator(start.tokenizer, None if start.args.use_cpu else 8, start.media, padding_free)
     return SFTTrainer(model=model, args=start.args, train_dataset=start.splits.train, data_collator=collator,
                       processing_class=start.tokenizer, config=config, reference=reference, padding_free=padding_free)
