@@ -32,6 +32,7 @@ torch is imported on first use, so importing `tunelab.data` stays light.
 
 from typing import Any
 
+from tunelab.data.packing import join_samples
 from tunelab.data.processing import IGNORE_INDEX, MEDIA_COLUMNS
 
 #: column -> the value it is padded with; None stands for the tokenizer's pad id.
@@ -86,13 +87,9 @@ class DataCollator:
 
 def flatten(features: list[dict[str, Any]]) -> dict[str, list[int]]:
     """Rows of input_ids and labels (position_ids too when neat-packed) -> one row, positions restarting per sample."""
-    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for features_row in features:
-        ids, labels = features_row["input_ids"], features_row["labels"]
-        row["input_ids"] += ids
-        row["labels"] += [IGNORE_INDEX, *labels[1:]][:len(labels)]
-        row["position_ids"] += features_row.get("position_ids") or range(len(ids))
-    return row
+    joined = join_samples((row["input_ids"], row["labels"], row.get("position_ids") or range(len(row["input_ids"])))
+                          for row in features)
+    return dict(zip(("input_ids", "labels", "position_ids"), joined))
 
 
 class PairwiseCollator:

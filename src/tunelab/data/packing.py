@@ -24,6 +24,7 @@ previous sample's last token would otherwise learn to predict it.
 """
 
 from bisect import bisect_left, insort
+from collections.abc import Iterable
 
 from tunelab.data.processing import IGNORE_INDEX
 
@@ -52,17 +53,24 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def join_samples(samples: Iterable[tuple[list[int], list[int], Iterable[int]]]) -> tuple[list, list, list]:
+    """(input_ids, labels, positions) of samples -> those of one row holding them back to back, the first label of
+    each sample -100 (see the module's docstring)."""
+    input_ids, labels, positions = [], [], []
+    for ids, sample_labels, sample_positions in samples:
+        input_ids += ids
+        labels += [IGNORE_INDEX, *sample_labels[1:]][:len(sample_labels)]
+        positions += sample_positions
+    return input_ids, labels, positions
+
+
 def pack_rows(batch: Columns, *, cutoff_len: int, neat: bool) -> Columns:
     """`datasets.map(batched=True)` function: tokenized SFT rows (input_ids, labels) -> packed rows."""
     third = "position_ids" if neat else "attention_mask"
     out: Columns = {"input_ids": [], "labels": [], third: []}
     for members in best_fit_decreasing([len(ids) for ids in batch["input_ids"]], cutoff_len):
-        input_ids, labels, positions = [], [], []
-        for i in members:
-            sample = batch["labels"][i]
-            input_ids += batch["input_ids"][i]
-            labels += [IGNORE_INDEX, *sample[1:]][:len(sample)]
-            positions += range(len(sample))
+        input_ids, labels, positions = join_samples(
+            (batch["input_ids"][i], batch["labels"][i], range(len(batch["input_ids"][i]))) for i in members)
         out["input_ids"].append(input_ids)
         out["labels"].append(labels)
         out[third].append(positions if neat else [1] * len(input_ids))

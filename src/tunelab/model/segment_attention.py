@@ -45,7 +45,13 @@ def sample_starts(mask: torch.Tensor | None) -> list[int] | None:
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: [1, heads, T, dim] inputs -> [1, T, heads, dim] output."""
-    starts = sample_starts(attention_mask)
+    if attention_mask is None:
+        starts = None
+    else:
+        # Every layer of a forward pass gets the same mask tensor: it is read once, by the first.
+        if not hasattr(attention_mask, "sample_starts"):
+            attention_mask.sample_starts = sample_starts(attention_mask)
+        starts = attention_mask.sample_starts
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     ends = [*starts[1:], query.shape[2]]

@@ -72,7 +72,7 @@ def _sft(config: Config) -> Trainer:
     padding_free = use_padding_free(config, model)
     collator = DataCollator(start.tokenizer, None if start.args.use_cpu else 8, start.media, padding_free)
     return SFTTrainer(model=model, args=start.args, train_dataset=start.splits.train, data_collator=collator,
-                      processing_class=start.tokenizer, config=config, reference=reference, padding_free=padding_free)
+                      processing_class=start.tokenizer, config=config, reference=reference)
 
 
 def _rm(config: Config) -> Trainer:

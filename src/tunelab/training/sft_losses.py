@@ -98,10 +98,8 @@ class SFTTrainer(MetricsTrainer):
     switched off serves as one (and a model without an adapter, as in evaluation without training, is its own).
     """
 
-    def __init__(self, *args: Any, config: Config, reference: PreTrainedModel | None = None,
-                 padding_free: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, config: Config, reference: PreTrainedModel | None = None, **kwargs: Any) -> None:
         self.weigh = token_weights_of(config)
-        self.padding_free = padding_free
         self.asft_alpha = config.asft_alpha if config.use_asft_loss else None
         # Passing compute_loss_func also tells the Trainer to count num_items_in_batch and not to divide the loss
         # by the accumulation steps again (the loss is already divided by that count).
@@ -117,7 +115,7 @@ class SFTTrainer(MetricsTrainer):
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         # A padding-free row has no attention_mask and no padding: the Trainer would count every token but those
         # equal to the pad id (often the eos token that ends each reply).
-        if self.padding_free:
+        if getattr(self.data_collator, "padding_free", False):
             inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
         super()._track_num_input_tokens(inputs)
 

@@ -40,7 +40,7 @@ def run(config: Config) -> dict[str, Any]:
                             padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                          data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()],
-                         config=config, reference=reference, padding_free=padding_free)
+                         config=config, reference=reference)
     results = train_and_report(trainer, config, resume_from)
     if config.do_predict:
         results.update(predict(trainer, config, start.template, start.media))
