@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import tunelab
 from tunelab.config import ConfigError, load_config
 from tunelab.data import DataCollator
+from tunelab.data.collator import flatten, split_padding_free
 from tunelab.data.processing import IGNORE_INDEX
 from tunelab.model.segment_attention import NAME, sample_starts, use_padding_free, use_segment_attention
 from helpers import read_log, run_config
@@ -89,12 +90,16 @@ def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_mod
         torch.testing.assert_close(param.grad, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("batch, accumulation", [(4, 2), (1, 8)])
+def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path, batch, accumulation):
+    """A padding-free step's 8 samples come as one row, run in passes of at most batch x cutoff_len tokens (2 passes
+    of ~4 samples, or 8 of one): the padded run's losses, gradient norms, weights and token counts."""
     runs = {}
     for name, more in (("padded", {}), ("padding_free", {"padding_free": True})):
         out = tmp_path / name
         tunelab.train(run_config(tiny_model_dir, out, max_steps=6, logging_steps=1, save_steps=6, cutoff_len=64,
-                                 per_device_train_batch_size=4, gradient_accumulation_steps=2, **more))
+                                 per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                                 **more))
         runs[name] = (read_log(out), load_file(out / "adapter_model.safetensors"), out)
         tokens = json.loads((out / "trainer_state.json").read_text())["num_input_tokens_seen"]
         assert tokens == runs.setdefault("tokens", tokens), "the same tokens are counted, padding left out"
@@ -109,6 +114,18 @@ def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path):
     # The attention implementation is the run's own: the saved model loads with transformers' default.
     assert NAME not in (out / "adapter_config.json").read_text()
     assert NAME not in json.dumps(json.loads((out / "checkpoint-6" / "adapter_config.json").read_text()))
+
+
+def test_a_padding_free_row_splits_into_passes_of_whole_samples():
+    row = {name: torch.tensor([values]) for name, values in flatten(samples([5, 3, 4, 6, 3])).items()}
+    pieces = split_padding_free(row, 8)
+    # 5 + 3 fill 8; 4 + 6 and 6 + 3 would not fit.
+    assert [piece["input_ids"].shape[1] for piece in pieces] == [8, 4, 6, 3]
+    for name in row:
+        assert torch.equal(torch.cat([piece[name] for piece in pieces], dim=1), row[name]), name
+    assert all(piece["position_ids"][0, 0] == 0 for piece in pieces), "each piece starts a sample"
+    # A sample longer than a pass goes alone.
+    assert [piece["input_ids"].shape[1] for piece in split_padding_free(row, 4)] == [5, 3, 4, 6, 3]
 
 
 def test_padding_free_switches_sdpa_to_segment_attention(tiny_model_dir, tmp_path):

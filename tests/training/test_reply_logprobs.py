@@ -1,5 +1,5 @@
 """`reply_logprobs` (the output head applied at the scored positions only, in chunks recomputed in the backward pass)
-scores what whole logits score, with the same gradients, on a tiny Llama with Qwen's 151,936-word vocabulary: 55
+scores what whole logits score, with the same gradients, on a tiny Llama with Qwen's 151,936-word vocabulary: 27
 positions per chunk there, so the rows below take several chunks. Tolerance 1e-5 (gradients: 1e-5 relative, or 1e-6
 of the tensor's largest entry): the head multiplies fewer rows at a time, which changes only the float32 summation
 order inside the matrix products."""
@@ -106,3 +106,24 @@ def test_per_token_logprobs_from_the_head_equal_whole_logits(temperature):
     for name in expected:
         scale = float(expected[name].abs().max())
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_per_token_logprobs_from_a_head_with_bias(autocast):
+    """A Linear head with a bias, in float32 and under bfloat16 autocast (`bf16: true`), the last chunk of 27
+    positions padded to a whole one there: the values and gradients of autograd through whole logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, QWEN_VOCAB)
+    hidden = torch.randn(2, 90, 32, requires_grad=True)
+    labels = torch.randint(0, QWEN_VOCAB, (2, 90))
+    labels[0, :7] = IGNORE_INDEX
+    weights = torch.randn(2, 90)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        chunked = head_token_logprobs(hidden, head, labels, 0.7)
+        got = torch.autograd.grad((chunked * weights).sum(), [hidden, *head.parameters()])
+        whole = token_logprobs(head(hidden).float() / 0.7, labels)
+        expected = torch.autograd.grad((whole * weights).sum(), [hidden, *head.parameters()])
+    tolerance = 1e-2 if autocast else 1e-5   # bfloat16 gradients of the logits, summed in other orders
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-4 if autocast else 1e-5)
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance * float(e.abs().max()), msg=name)

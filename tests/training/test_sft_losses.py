@@ -255,3 +255,27 @@ def test_loss_variants_train_alike_with_two_processes(variant, port, tiny_model_
                                        per_device_train_batch_size=2, learning_rate=5e-3, **more),
         tmp_path, port, keys=("loss",), weights=("adapter_model.safetensors",))
     assert len(records) == 3
+
+
+@pytest.mark.parametrize("variant", ["ce", "eaft"])
+def test_chunked_head_loss_under_bf16_autocast_equals_whole_logits(variant, monkeypatch):
+    """Under bfloat16 autocast (`bf16: true`) the chunked head computes its matmuls in bfloat16 as F.linear would,
+    with the last chunk padded to a whole one on the CPU (11 positions, 3 per chunk): the loss and gradients of
+    autograd through whole logits under the same autocast, to bfloat16's rounding of the gradients."""
+    from tunelab.training import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 3 * 50)
+    weigh = eaft_weights(EAFT_ALPHA) if variant == "eaft" else None
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = chunked_loss.head_cross_entropy(hidden, head, targets, weigh)
+        chunked_grads = torch.autograd.grad(total, [hidden, head.weight])
+        losses, _ = token_losses(head(hidden), targets, weigh)
+        whole_grads = torch.autograd.grad(losses.sum(), [hidden, head.weight])
+    torch.testing.assert_close(total, losses.sum(), rtol=1e-5, atol=1e-5)
+    for chunked, whole in zip(chunked_grads, whole_grads):
+        assert chunked.dtype == whole.dtype == torch.float32
+        torch.testing.assert_close(chunked, whole, rtol=1e-2, atol=1e-2 * float(whole.abs().max()))

@@ -211,6 +211,22 @@ def test_optimizers_and_mixed_precision_train(tiny_model_dir, tmp_path, override
     assert_learned(losses(out))
 
 
+def test_bf16_on_a_cpu_pads_batches_to_64_and_trains_as_float32(tiny_model_dir, tmp_path):
+    """oneDNN compiles a kernel per new bfloat16 matmul shape on a CPU, so bf16 batches are padded to a multiple of
+    64 there (float32 ones are not padded): the padding is masked, so the losses are float32's to bfloat16's
+    precision."""
+    from tunelab.config import load_config
+    from tunelab.training.arguments import build_training_arguments, padding_multiple
+
+    common = dict(max_steps=3, logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant")
+    for bf16, multiple in ((True, 64), (False, None)):
+        config = load_config(run_config(tiny_model_dir, tmp_path / "args", bf16=bf16, **common))
+        assert padding_multiple(config, build_training_arguments(config)) == multiple
+    tunelab.train(run_config(tiny_model_dir, tmp_path / "bf16", bf16=True, **common))
+    tunelab.train(run_config(tiny_model_dir, tmp_path / "fp32", **common))
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), rel=2e-2)
+
+
 def test_qlora_trains_on_a_4bit_base(tiny_qwen2_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"

@@ -92,6 +92,21 @@ def flatten(features: list[dict[str, Any]]) -> dict[str, list[int]]:
     return dict(zip(("input_ids", "labels", "position_ids"), joined))
 
 
+def split_padding_free(batch: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:
+    """A padding-free batch (one row) -> batches of whole samples, each of at most `max_tokens` tokens (a longer
+    sample alone). Samples start where position_ids are 0; their first labels are -100 already, so each piece trains
+    what it held in the row."""
+    length = batch["input_ids"].shape[1]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    pieces, begin = [], 0
+    for start, end in zip(starts, [*starts[1:], length]):
+        if end - begin > max_tokens and start > begin:
+            pieces.append(slice(begin, start))
+            begin = start
+    pieces.append(slice(begin, length))
+    return [{name: value[:, piece] for name, value in batch.items()} for piece in pieces]
+
+
 class PairwiseCollator:
     """B preference pairs -> one batch of 2B rows: the B chosen sequences, then the B rejected ones, all padded to one
     length, so a single forward pass scores both sides of every pair (rm, dpo). Each side of a pair shows the model the

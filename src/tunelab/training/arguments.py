@@ -46,9 +46,8 @@ def build_training_arguments(config: Config) -> TrainingArguments:
         warmup_steps=config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio,
         max_grad_norm=config.max_grad_norm,
         optim=config.optim,
-        per_device_train_batch_size=config.per_device_train_batch_size,
+        **step_layout(config),
         per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         # pure_bf16 holds the weights in bfloat16 already; mixed precision (autocast) would only add casts.
         bf16=config.bf16 and not config.pure_bf16,
         fp16=config.fp16,
@@ -82,6 +81,34 @@ def build_training_arguments(config: Config) -> TrainingArguments:
         return TrainingArguments(**values)
     except (ValueError, TypeError, ImportError) as err:
         raise ConfigError(f"transformers refused the training arguments: {err}") from None
+
+
+def step_layout(config: Config) -> dict[str, int]:
+    """The Trainer's per_device_train_batch_size and gradient_accumulation_steps.
+
+    With `padding_free` a step's micro-batches come as one batch (accumulation 1), which SFTTrainer runs in as few
+    forward passes as hold per_device_train_batch_size x cutoff_len tokens each (no more than the run's largest
+    padded micro-batch): batch 1 x accumulation 8 over samples of ~250 tokens becomes 2 passes of ~1,000 tokens
+    instead of 8 of ~250, each matmul with more rows. The gradients and losses are those of the micro-batches, as
+    the loss is a sum over the step's tokens divided by their count. Not under DeepSpeed or FSDP, which count the
+    accumulated micro-steps themselves."""
+    batch, steps = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    engine = config.extra_training_args.get("deepspeed") or config.extra_training_args.get("fsdp")
+    if config.padding_free and steps > 1 and not engine:
+        logger.info("padding_free: the %d samples of a step come as one batch, run in forward passes of up to %d "
+                    "tokens (per_device_train_batch_size x cutoff_len)", batch * steps, batch * config.cutoff_len)
+        batch, steps = batch * steps, 1
+    return {"per_device_train_batch_size": batch, "gradient_accumulation_steps": steps}
+
+
+def padding_multiple(config: Config, args: TrainingArguments) -> int | None:
+    """What a padded batch's length is rounded up to. On a GPU, 8 (tensor cores). On a CPU in bfloat16, 64: oneDNN
+    compiles a matmul kernel for each new shape there, so a batch length of its own at every step costs a compile
+    per matmul (measured: a linear layer's forward and backward over 300 random lengths took 3x the time of
+    lengths rounded to 64, and ~0.5 GB more memory). In float32 on a CPU, none: padding would only add work."""
+    if not args.use_cpu:
+        return 8
+    return 64 if config.bf16 or config.pure_bf16 else None
 
 
 def low_rank_optimizer_arguments(config: Config) -> dict[str, Any]:

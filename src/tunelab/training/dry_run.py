@@ -70,14 +70,14 @@ def _sft(config: Config) -> Trainer:
         enable_router_loss(model, config.moe_aux_loss_coef)
     reference = load_reference_model(config, start.tokenizer) if config.use_asft_loss else None
     padding_free = use_padding_free(config, model)
-    collator = DataCollator(start.tokenizer, None if start.args.use_cpu else 8, start.media, padding_free)
+    collator = DataCollator(start.tokenizer, start.pad_to_multiple_of, start.media, padding_free)
     return SFTTrainer(model=model, args=start.args, train_dataset=start.splits.train, data_collator=collator,
                       processing_class=start.tokenizer, config=config, reference=reference)
 
 
 def _rm(config: Config) -> Trainer:
     start = start_run(config)
-    collator = PairwiseCollator(start.tokenizer, None if start.args.use_cpu else 8, start.media)
+    collator = PairwiseCollator(start.tokenizer, start.pad_to_multiple_of, start.media)
     return RewardTrainer(model=ValueHeadModel(load_model(config, start.tokenizer)), args=start.args,
                          train_dataset=start.splits.train, data_collator=collator, processing_class=start.tokenizer)
 

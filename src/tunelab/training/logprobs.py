@@ -25,9 +25,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.processing import IGNORE_INDEX
+from tunelab.training.chunked_loss import CHUNK_ELEMENTS, HeadChunks
 
-#: Float32 logits a chunk may hold (32 MiB): 55 positions at a time with a 152k vocabulary.
-CHUNK_ELEMENTS = 2**23
 #: Config fields of families whose logits are more than head(hidden) (soft-capped, scaled): they keep whole logits.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -158,6 +157,10 @@ def _scored_positions(hidden: torch.Tensor, head: torch.nn.Module, labels: torch
     targets = labels[:, 1:]
     rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     picked_hidden, picked_targets = hidden[:, :-1][rows, columns], targets[rows, columns]
+    if type(head) is torch.nn.Linear:
+        logprobs, means = _HeadLogprobs.apply(picked_hidden, head.weight, head.bias, picked_targets, temperature)
+        return rows, columns, logprobs, means
+    # A head that is more than a Linear (peft's LoRA or modules_to_save on it): autograd, each chunk recomputed.
     size = max(1, CHUNK_ELEMENTS // getattr(head, "out_features", 2**17))
     score = partial(_score_chunk, head, temperature)
     pieces = [checkpoint(score, picked_hidden[start:start + size], picked_targets[start:start + size],
@@ -175,3 +178,41 @@ def _score_chunk(head: torch.nn.Module, temperature: float, hidden: torch.Tensor
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1), logits.detach().mean(dim=-1)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log p(target) and the mean logit (without gradient) at N positions, from their hidden states and a Linear head
+    (`HeadChunks`). Only the log-sum-exp of each position is kept for the backward pass, which computes each chunk's
+    logits again and turns them in place into the gradient: (onehot(target) - softmax) x the position's upstream
+    gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs = hidden.new_empty(len(targets), dtype=torch.float32)
+        means, logsumexp = torch.empty_like(logprobs), torch.empty_like(logprobs)
+        chunks = HeadChunks(hidden, weight, bias, temperature)
+        for rows, logits in chunks:
+            logsumexp[rows] = chunks.logsumexp_(logits)
+            means[rows] = logits.mean(dim=-1)
+            logprobs[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - logsumexp[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(means)
+        return logprobs, means
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_means: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
+        chunks = HeadChunks(hidden, weight, bias, ctx.temperature)
+        for rows, logits in chunks:
+            upstream = grad_logprobs[rows].float().unsqueeze(-1)
+            gradient = logits.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-upstream)   # -softmax x upstream
+            gradient.scatter_add_(-1, targets[rows].unsqueeze(-1), upstream)
+            chunks.backpropagate(rows, gradient, grad_hidden, grad_weight, grad_bias)
+        return (grad_hidden, grad_weight.to(weight.dtype) if wants_weight else None,
+                grad_bias.to(bias.dtype) if wants_bias else None, None, None)

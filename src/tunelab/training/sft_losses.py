@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from tunelab.config import Config
+from tunelab.data.collator import split_padding_free
 from tunelab.data.processing import IGNORE_INDEX
 from tunelab.training.chunked_loss import TokenWeights, head_cross_entropy, token_losses
 from tunelab.training.engines import place_frozen_model
@@ -111,6 +112,23 @@ class SFTTrainer(MetricsTrainer):
         # reference's (final states, head) for the same batch.
         self._head: torch.nn.Module | None = None
         self._reference_states: tuple[torch.Tensor, torch.nn.Module | None] | None = None
+        # A padding-free step's samples come as one row (arguments.step_layout): run in passes of at most this many
+        # tokens.
+        self.pass_tokens = config.per_device_train_batch_size * config.cutoff_len
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        if not getattr(self.data_collator, "padding_free", False):
+            return super().training_step(model, inputs, num_items_in_batch)
+        pieces = split_padding_free(inputs, self.pass_tokens)
+        total = None
+        for index, piece in enumerate(pieces):
+            # Under DDP the gradients are all-reduced once, after the step's last pass.
+            last = index == len(pieces) - 1
+            with nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, piece, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         # A padding-free row has no attention_mask and no padding: the Trainer would count every token but those

@@ -11,7 +11,7 @@ from tunelab.config import Config
 from tunelab.config.stages import STAGE_SPECS
 from tunelab.data import DatasetSplits, MediaProcessor, Template, load_datasets, load_media_processor, prepare_template
 from tunelab.model import copy_processor_files, load_tokenizer
-from tunelab.training.arguments import build_training_arguments
+from tunelab.training.arguments import build_training_arguments, padding_multiple
 from tunelab.training.engines import EngineReport, force_fsdp_on_cpu, save_whole_model
 from tunelab.training.optimizers import attach_optimizer
 from tunelab.training.output_dir import prepare_output_dir
@@ -31,6 +31,7 @@ class RunStart:
     template: Template | None
     splits: DatasetSplits
     media: MediaProcessor | None = None   # a vision-language model's images and videos; the collator takes it too
+    pad_to_multiple_of: int | None = None   # for the collator (`padding_multiple`)
 
 
 def start_run(config: Config) -> RunStart:
@@ -46,7 +47,7 @@ def start_run(config: Config) -> RunStart:
         # The others read what the main process of their node has just written, `overwrite_cache` or not.
         reading = replace(config, overwrite_cache=False) if args.local_process_index else config
         splits = load_datasets(reading, tokenizer, template, media=media)
-    return RunStart(args, resume_from, tokenizer, template, splits, media)
+    return RunStart(args, resume_from, tokenizer, template, splits, media, padding_multiple(config, args))
 
 
 def train_and_report(trainer: Trainer, config: Config, resume_from: str | None,

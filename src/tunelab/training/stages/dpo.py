@@ -155,8 +155,7 @@ def prepare_run(config: Config, needs_reference: bool) -> PreparedRun:
     model = load_model(config, tokenizer, trainable=config.do_train)
     model.config.use_cache = False
     reference = load_reference_model(config, tokenizer) if needs_reference else None
-    # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
-    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media)
+    collator = DataCollator(tokenizer, pad_to_multiple_of=start.pad_to_multiple_of, media=start.media)
     return PreparedRun(args, resume_from, tokenizer, splits, model, reference, collator)
 
 

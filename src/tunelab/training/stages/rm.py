@@ -89,7 +89,7 @@ def run(config: Config) -> dict[str, Any]:
     if has_value_head(head_folder):
         model.load_value_head(head_folder)
         logger.info("value head: loaded from %s", head_folder)
-    collator = PairwiseCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media)
+    collator = PairwiseCollator(tokenizer, pad_to_multiple_of=start.pad_to_multiple_of, media=start.media)
     trainer = RewardTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                             data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()])
     return train_and_report(trainer, config, resume_from, plot_keys=PLOT_KEYS)

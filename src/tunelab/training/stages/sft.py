@@ -34,9 +34,8 @@ def run(config: Config) -> dict[str, Any]:
         enable_router_loss(model, config.moe_aux_loss_coef)
     # ASFT's anchor is the model before training; without training the policy is that model.
     reference = load_reference_model(config, tokenizer) if config.use_asft_loss and config.do_train else None
-    # Padding to a multiple of 8 feeds GPU tensor cores; on a CPU it would only add work.
     padding_free = use_padding_free(config, model)
-    collator = DataCollator(tokenizer, pad_to_multiple_of=None if args.use_cpu else 8, media=start.media,
+    collator = DataCollator(tokenizer, pad_to_multiple_of=start.pad_to_multiple_of, media=start.media,
                             padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                          data_collator=collator, processing_class=tokenizer, callbacks=[TrainerLogCallback()],
