@@ -335,3 +335,34 @@ def test_the_command_line_without_a_config_file_trains(tiny_model_dir, tmp_path)
                  "--learning_rate", "1e-2", "--report_to", "none"]) == 0
     assert [r["current_steps"] for r in read_log(out) if "loss" in r] == [2, 4]
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage, dataset", [("sft", "identity"), ("dpo", "dpo_demo")])
+def test_group_by_length_batches_samples_of_similar_length(tiny_model_dir, tmp_path, stage, dataset):
+    """`train_sampling_strategy: group_by_length` (transformers' sampler, passed through) draws each step's samples
+    from a pool sorted by length: an epoch of its batches holds less padding than random ones (here a quarter to
+    a third less). Pairs are
+    measured by their longer side (a `length` column tunelab adds, which batches leave out)."""
+    from transformers import Trainer
+
+    from tunelab.config import load_config
+    from tunelab.data import DataCollator, PairwiseCollator
+    from tunelab.training.workflow import start_run
+
+    padding = {}
+    for strategy in ("random", "group_by_length"):
+        config = load_config(run_config(tiny_model_dir, tmp_path / strategy, stage=stage, dataset=dataset,
+                                        train_sampling_strategy=strategy, per_device_train_batch_size=4))
+        start = start_run(config)
+        collator = (PairwiseCollator if stage == "dpo" else DataCollator)(start.tokenizer)
+        trainer = Trainer(model=torch.nn.Linear(1, 1), args=start.args, train_dataset=start.splits.train,
+                          data_collator=collator)
+        batches = list(trainer.get_train_dataloader())
+        assert sum(len(batch["input_ids"]) for batch in batches) == len(start.splits.train) * (1 + (stage == "dpo"))
+        assert "length" not in batches[0]
+        padding[strategy] = sum(int((batch["attention_mask"] == 0).sum()) for batch in batches)
+    assert padding["group_by_length"] < 0.8 * padding["random"], padding
+    out = tmp_path / "run"
+    tunelab.train(run_config(tiny_model_dir, out, stage=stage, dataset=dataset, max_steps=3, logging_steps=1,
+                             train_sampling_strategy="group_by_length"))
+    assert len(losses(out)) == 3

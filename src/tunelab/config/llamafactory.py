@@ -65,7 +65,7 @@ _GROUPS = {
         compute_accuracy disable_shuffling early_stopping_steps eval_num_beams eval_on_each_dataset preserve_thinking
         model_max_length batch_eval_metrics ddp_static_graph debug enable_jit_checkpoint eval_use_gather_object
         generation_config generation_max_length generation_num_beams include_for_metrics parallelism_config
-        restore_callback_states_from_checkpoint sortish_sampler train_sampling_strategy""",
+        restore_callback_states_from_checkpoint sortish_sampler""",
 }
 #: key -> why tunelab refuses it when set.
 UNSUPPORTED = {key: reason for reason, keys in _GROUPS.items() for key in keys.split()}

@@ -16,7 +16,7 @@ hub_private_repo hub_model_id hub_strategy hub_always_push hub_revision load_bes
 greater_is_better ignore_data_skip full_determinism data_seed use_cpu accelerator_config dataloader_drop_last
 dataloader_pin_memory dataloader_persistent_workers dataloader_prefetch_factor ddp_find_unused_parameters
 ddp_bucket_cap_mb ddp_broadcast_buffers ddp_backend fsdp fsdp_config deepspeed skip_memory_metrics
-local_rank
+local_rank train_sampling_strategy
 """.split())
 
 #: Keys transformers 5 removed that LLaMA-Factory configs still carry, and what tunelab does with each.

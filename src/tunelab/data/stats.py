@@ -1,6 +1,7 @@
 """What a tokenized dataset holds: the token sequences of each data kind, their statistics, and a readable view.
 
     stats = measure(tokenized, "sft")        # rows, tokens, trained share, length percentiles, truncated rows
+    lengths = row_lengths(tokenized, "pairwise")   # per row, the longest of its sequences
     describe_example(row, tokenizer)         # the decoded row, trained tokens between ⟦ ⟧
 """
 
@@ -51,6 +52,17 @@ class LoadReport:
         validation = dict(data["validation"])
         validation["skipped"] = {rule: RuleCount(**count) for rule, count in validation["skipped"].items()}
         return cls(data["split"], DatasetReport(**validation), TokenStats(**data["tokens"]))
+
+
+def row_lengths(tokenized: Any, kind: str) -> Any:
+    """Each row's tokens as a batch pads it: the longest of its input sequences (both sides of a pair, kto's KL
+    pair), counted in Arrow; a numpy array."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    columns = [ids for _, ids, _ in SEQUENCES[kind] if ids.endswith("input_ids")]
+    table = tokenized.select_columns(columns).with_format("arrow")[:]
+    return np.max([pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in columns], axis=0)
 
 
 def measure(tokenized: Any, kind: str) -> TokenStats:

@@ -30,7 +30,6 @@ from statistics import median
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from torch.overrides import TorchFunctionMode
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
@@ -39,7 +38,7 @@ from tunelab.config import Config, ConfigError
 from tunelab.config.schema import REFERENCE_LOSSES
 from tunelab.config.stages import STAGE_SPECS
 from tunelab.data import DataCollator, PairwiseCollator
-from tunelab.data.stats import SEQUENCES
+from tunelab.data.stats import row_lengths
 from tunelab.model import count_parameters, load_model
 from tunelab.model.frozen import load_reference_model
 from tunelab.model.layers import decoder_layers_prefix, num_layers
@@ -187,11 +186,8 @@ def _build_trainer(config: Config, folder: str) -> Trainer:
 
 
 def _measure(config: Config, trainer: Trainer, on_gpu: bool, baseline: int) -> DryRun:
-    columns = [column for _, column, _ in SEQUENCES[STAGE_SPECS[config.stage].data]]
     model, train = trainer.model, trainer.train_dataset
-    # Tokens of each row: its longest sequence (both sides of a pair are padded to one length).
-    table = train.select_columns(columns).with_format("arrow")[:]
-    lengths = np.max([pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in columns], axis=0)
+    lengths = row_lengths(train, STAGE_SPECS[config.stage].data)
     rng = np.random.default_rng(config.seed)
     longest = np.argsort(lengths, kind="stable")[::-1][:config.per_device_train_batch_size]
     order = [rng.choice(len(lengths), size=len(longest), replace=False) for _ in range(TIMED_STEPS)]

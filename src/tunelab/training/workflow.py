@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, se
 from tunelab.config import Config
 from tunelab.config.stages import STAGE_SPECS
 from tunelab.data import DatasetSplits, MediaProcessor, Template, load_datasets, load_media_processor, prepare_template
+from tunelab.data.stats import row_lengths
 from tunelab.model import copy_processor_files, load_tokenizer
 from tunelab.training.arguments import build_training_arguments, padding_multiple
 from tunelab.training.engines import EngineReport, force_fsdp_on_cpu, save_whole_model
@@ -47,6 +48,11 @@ def start_run(config: Config) -> RunStart:
         # The others read what the main process of their node has just written, `overwrite_cache` or not.
         reading = replace(config, overwrite_cache=False) if args.local_process_index else config
         splits = load_datasets(reading, tokenizer, template, media=media)
+    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and hasattr(splits.train, "add_column"):
+        # transformers' samplers read the lengths from this column; without it they would read every row, and could
+        # not measure pairs at all.
+        lengths = row_lengths(splits.train, STAGE_SPECS[config.stage].data)
+        splits.train = splits.train.add_column(args.length_column_name, lengths.tolist())
     return RunStart(args, resume_from, tokenizer, template, splits, media, padding_multiple(config, args))
 
 
