@@ -57,8 +57,11 @@ def summed_loss(model, batch: dict) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-@pytest.mark.parametrize("segments", [True, False], ids=["sdpa_segments", "transformers-mask"])
-def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_model_dir, segments):
+@pytest.mark.parametrize("segments, multiple", [(True, None), (False, None), (True, 8)],
+                         ids=["sdpa_segments", "transformers-mask", "sdpa_segments-padded-to-8"])
+def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_model_dir, segments, multiple):
+    """Also with each sample padded at its end to a multiple of 8 (as bf16 on a CPU pads to 64): no token of a sample
+    sees its padding, and token_mask marks the samples' own tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -77,15 +80,21 @@ def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_mod
     if segments:
         use_segment_attention(model)
         assert model.config._attn_implementation == NAME
-    flat = DataCollator(tokenizer, padding_free=True)(rows)
-    assert set(flat) == {"input_ids", "labels", "position_ids"} and flat["input_ids"].shape == (1, 53)
-    assert flat["position_ids"][0].tolist() == [*range(9), *range(23), *range(5), *range(16)]
+    flat = DataCollator(tokenizer, pad_to_multiple_of=multiple, padding_free=True)(rows)
+    lengths = [9, 23, 5, 16] if multiple is None else [16, 24, 8, 16]
+    assert flat["input_ids"].shape == (1, sum(lengths))
+    assert flat["position_ids"][0].tolist() == [position for length in lengths for position in range(length)]
+    if multiple is None:
+        assert set(flat) == {"input_ids", "labels", "position_ids"}
+    else:
+        token_mask = flat.pop("token_mask")[0].tolist()
+        assert token_mask == [1] * 9 + [0] * 7 + [1] * 23 + [0] + [1] * 5 + [0] * 3 + [1] * 16
     summed_loss(model, flat).backward()
     logits = model(**flat, use_cache=False).logits[0].detach()
     start = 0
-    for row, expected in zip(rows, alone_logits):
+    for row, expected, length in zip(rows, alone_logits, lengths):
         torch.testing.assert_close(logits[start:start + len(row["input_ids"])], expected, atol=1e-5, rtol=1e-4)
-        start += len(row["input_ids"])
+        start += length
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
@@ -114,6 +123,20 @@ def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path, 
     # The attention implementation is the run's own: the saved model loads with transformers' default.
     assert NAME not in (out / "adapter_config.json").read_text()
     assert NAME not in json.dumps(json.loads((out / "checkpoint-6" / "adapter_config.json").read_text()))
+
+
+def test_padding_free_in_bf16_on_a_cpu_pads_each_sample_and_counts_only_its_tokens(tiny_model_dir, tmp_path):
+    """bf16 on a CPU pads each sample of a padding-free row to a multiple of 64: the run counts the tokens the
+    padded run counts, and its losses are the padded run's to bf16's rounding."""
+    runs = {}
+    for name, more in (("padded", {}), ("padding_free", {"padding_free": True})):
+        out = tmp_path / name
+        tunelab.train(run_config(tiny_model_dir, out, max_steps=3, logging_steps=1, save_steps=6, bf16=True,
+                                 per_device_train_batch_size=4, gradient_accumulation_steps=2, **more))
+        state = json.loads((out / "trainer_state.json").read_text())
+        runs[name] = ([record["loss"] for record in read_log(out) if "loss" in record], state["num_input_tokens_seen"])
+    assert runs["padding_free"][1] == runs["padded"][1]
+    assert runs["padding_free"][0] == pytest.approx(runs["padded"][0], rel=1e-2)
 
 
 def test_a_padding_free_row_splits_into_passes_of_whole_samples():

@@ -17,10 +17,12 @@ LLaMA-Factory does), so the tokenized data stays small; with `dataloader_num_wor
 
 Padding goes on the right, or on the left when `tokenizer.padding_side == "left"` (generation), read at every call.
 
-`padding_free=True` (sft and pt text rows) puts no padding at all: the batch becomes one row holding its samples back
-to back, with position_ids restarting at 0 for each sample, no attention_mask, and the first label of every sample
--100 (the previous sample's last token must not learn to predict it; alone, a first token is never predicted
-either). The model then keeps the samples apart as it does neat-packed rows, and with `sdpa_segments`
+`padding_free=True` (sft and pt text rows) puts no padding between samples: the batch becomes one row holding its
+samples back to back, with position_ids restarting at 0 for each sample, no attention_mask, and the first label of
+every sample -100 (the previous sample's last token must not learn to predict it; alone, a first token is never
+predicted either). With `pad_to_multiple_of`, each sample is padded at its end to a multiple of it, inside its own
+segment (a bf16 run on a CPU keeps its matmul and attention shapes to a few that way), and `token_mask` (1 on the
+samples' tokens) comes with the row for counting; the Trainer takes it out before the model's forward. The model then keeps the samples apart as it does neat-packed rows, and with `sdpa_segments`
 (model/segment_attention.py) attends within each at the cost of the samples alone.
 
 Neat-packed rows (`tunelab.data.packing`) have position_ids and no attention_mask, and get none here: an
@@ -61,7 +63,8 @@ class DataCollator:
         import torch
 
         if self.padding_free:
-            return {name: torch.tensor([values], dtype=torch.long) for name, values in flatten(features).items()}
+            row = flatten(features, self.pad_to_multiple_of or 1, self.pad_values["input_ids"])
+            return {name: torch.tensor([values], dtype=torch.long) for name, values in row.items()}
         batch = {}
         for column in features[0]:
             values = [row[column] for row in features]
@@ -85,11 +88,21 @@ class DataCollator:
                 for row in rows]
 
 
-def flatten(features: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """Rows of input_ids and labels (position_ids too when neat-packed) -> one row, positions restarting per sample."""
-    joined = join_samples((row["input_ids"], row["labels"], row.get("position_ids") or range(len(row["input_ids"])))
-                          for row in features)
-    return dict(zip(("input_ids", "labels", "position_ids"), joined))
+def flatten(features: list[dict[str, Any]], multiple: int = 1, pad_id: int = 0) -> dict[str, list[int]]:
+    """Rows of input_ids and labels (position_ids too when neat-packed) -> one row, positions restarting per sample.
+
+    With `multiple` above 1 each sample ends in pad tokens up to a multiple of it (label -100, positions going on),
+    which no token of the sample sees, attention being causal; `token_mask` then marks the samples' own tokens."""
+    samples, token_mask = [], []
+    for row in features:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        positions = list(row.get("position_ids") or range(len(ids)))
+        extra = -len(ids) % multiple
+        samples.append((ids + [pad_id] * extra, labels + [IGNORE_INDEX] * extra,
+                        positions + list(range(positions[-1] + 1, positions[-1] + 1 + extra))))
+        token_mask += [1] * len(ids) + [0] * extra
+    joined = dict(zip(("input_ids", "labels", "position_ids"), join_samples(samples)))
+    return {**joined, "token_mask": token_mask} if multiple > 1 else joined
 
 
 def split_padding_free(batch: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:

@@ -131,14 +131,16 @@ class SFTTrainer(MetricsTrainer):
         return total
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-        # A padding-free row has no attention_mask and no padding: the Trainer would count every token but those
-        # equal to the pad id (often the eos token that ends each reply).
+        # A padding-free row has no attention_mask: the Trainer would count every token but those equal to the pad id
+        # (often the eos token that ends each reply). Its own tokens are all but the padding that token_mask marks.
         if getattr(self.data_collator, "padding_free", False):
-            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
+            real = inputs.get("token_mask", torch.ones_like(inputs["input_ids"]))
+            inputs = {**inputs, "attention_mask": real}
         super()._track_num_input_tokens(inputs)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        inputs = {name: value for name, value in inputs.items() if name != "token_mask"}   # for counting only
         if self.asft_alpha is not None:
             # compute_loss_func receives only (outputs, labels, num_items_in_batch): the reference's states for this
             # same batch are computed here, just before the Trainer runs the policy and calls it.
