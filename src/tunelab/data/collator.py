@@ -22,8 +22,9 @@ samples back to back, with position_ids restarting at 0 for each sample, no atte
 every sample -100 (the previous sample's last token must not learn to predict it; alone, a first token is never
 predicted either). With `pad_to_multiple_of`, each sample is padded at its end to a multiple of it, inside its own
 segment (a bf16 run on a CPU keeps its matmul and attention shapes to a few that way), and `token_mask` (1 on the
-samples' tokens) comes with the row for counting; the Trainer takes it out before the model's forward. The model then keeps the samples apart as it does neat-packed rows, and with `sdpa_segments`
-(model/segment_attention.py) attends within each at the cost of the samples alone.
+samples' tokens) comes with the row for counting; the Trainer takes it out before the model's forward. The model
+then keeps the samples apart as it does neat-packed rows, and with `sdpa_segments` (model/segment_attention.py)
+attends within each at the cost of the samples alone.
 
 Neat-packed rows (`tunelab.data.packing`) have position_ids and no attention_mask, and get none here: an
 attention_mask would stop transformers from isolating the packed samples. Their pad positions are 0, so each pad
