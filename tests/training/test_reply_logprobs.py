@@ -120,10 +120,14 @@ def test_per_token_logprobs_from_a_head_with_bias(autocast):
     weights = torch.randn(2, 90)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         chunked = head_token_logprobs(hidden, head, labels, 0.7)
-        got = torch.autograd.grad((chunked * weights).sum(), [hidden, *head.parameters()])
         whole = token_logprobs(head(hidden).float() / 0.7, labels)
-        expected = torch.autograd.grad((whole * weights).sum(), [hidden, *head.parameters()])
+    # The backward pass outside autocast, as the Trainer runs it.
+    got = torch.autograd.grad((chunked * weights).sum(), [hidden, *head.parameters()])
+    expected = torch.autograd.grad((whole * weights).sum(), [hidden, *head.parameters()])
     tolerance = 1e-2 if autocast else 1e-5   # bfloat16 gradients of the logits, summed in other orders
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-4 if autocast else 1e-5)
     for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
         torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance * float(e.abs().max()), msg=name)
+    # Each position's gradient over the vocabulary sums to 0 (a softmax sums to 1), and so does the bias's, unless
+    # the backward pass took its softmax from logits other than the forward's.
+    assert abs(float(got[2].sum())) < 1e-5 * float(got[2].abs().sum())

@@ -72,9 +72,11 @@ class HeadChunks:
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: of the head's matmuls; by default the autocast dtype under autocast, else the weight's."""
         device = hidden.device.type
-        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        self.dtype = dtype or autocast
         self.hidden, self.temperature = hidden, temperature
         self.weight = weight.detach().to(self.dtype)
         self.bias = bias.detach().to(self.dtype) if bias is not None else None

@@ -197,7 +197,9 @@ class _HeadLogprobs(torch.autograd.Function):
             means[rows] = logits.mean(dim=-1)
             logprobs[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - logsumexp[rows]
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
-        ctx.temperature = temperature
+        # The backward pass runs outside autocast: it recomputes the logits in the forward's dtype, or the
+        # softmax would not match the log-sum-exp kept.
+        ctx.temperature, ctx.dtype = temperature, chunks.dtype
         ctx.mark_non_differentiable(means)
         return logprobs, means
 
@@ -208,7 +210,7 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
-        chunks = HeadChunks(hidden, weight, bias, ctx.temperature)
+        chunks = HeadChunks(hidden, weight, bias, ctx.temperature, ctx.dtype)
         for rows, logits in chunks:
             upstream = grad_logprobs[rows].float().unsqueeze(-1)
             gradient = logits.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-upstream)   # -softmax x upstream
