@@ -58,7 +58,9 @@ def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: tor
     inputs = [hidden, head.weight, head.bias]
     if not torch.is_grad_enabled():   # evaluation: the same values, and no gradient work in the forward
         inputs = [t.detach() if t is not None else None for t in inputs]
-    return _HeadCrossEntropy.apply(*inputs, targets, weigh, reference_hidden, reference_head, alpha)
+    # Made out here, where the dry run sees its buffers (nothing that a Function's forward does shows to it).
+    chunks = HeadChunks(hidden, head.weight, head.bias)
+    return _HeadCrossEntropy.apply(*inputs, chunks, targets, weigh, reference_hidden, reference_head, alpha)
 
 
 class HeadChunks:
@@ -108,6 +110,15 @@ class HeadChunks:
                 logits.div_(self.temperature)
             yield rows, logits
 
+    def log_softmax_(self, logits: torch.Tensor) -> torch.Tensor:
+        """A chunk's logits turned into log-probabilities in place, rounded as log_softmax rounds them:
+        (x - max) - log(sum(exp(x - max)))."""
+        logits.sub_(logits.amax(dim=-1, keepdim=True))
+        if self.scratch is None:
+            self.scratch = torch.empty_like(self.logits)
+        exp = torch.exp(logits, out=self.scratch[:len(logits)])
+        return logits.sub_(exp.sum(dim=-1, keepdim=True).log_())
+
     def logsumexp_(self, logits: torch.Tensor) -> torch.Tensor:
         """logsumexp over the vocabulary of a chunk's `logits`, which stay as they are ([n]; scratch for the exp)."""
         if self.scratch is None:
@@ -136,7 +147,7 @@ class HeadChunks:
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: HeadChunks,
                 targets: torch.Tensor, weigh: TokenWeights | None, reference_hidden: torch.Tensor | None,
                 reference_head: torch.nn.Linear | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
@@ -146,11 +157,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kl_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunks = HeadChunks(hidden, weight, bias)
         for rows, log_p in chunks:
             chunk_targets = targets[rows]
             positions = torch.arange(len(chunk_targets), device=targets.device)
-            log_p.sub_(chunks.logsumexp_(log_p).unsqueeze(-1))   # logits -> log-probabilities, in place
+            chunks.log_softmax_(log_p)
             cross_entropy = -log_p[positions, chunk_targets]
             weights = weigh(log_p, cross_entropy) if weigh is not None else None
             total += (cross_entropy * weights).sum() if weights is not None else cross_entropy.sum()
@@ -183,4 +193,4 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return (grad_hidden * grad_total.to(grad_hidden.dtype) if wants_hidden else None,
                 (grad_weight * grad_total).to(ctx.weight_dtype) if wants_weight else None,
                 (grad_bias * grad_total).to(ctx.weight_dtype) if wants_bias else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)

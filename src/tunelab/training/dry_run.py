@@ -251,7 +251,9 @@ class _LargestLogits(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == self.vocabulary:
+        # A transposed output head ([hidden, vocabulary], a view of the [vocabulary, hidden] weight) is no logits.
+        transposed = out._base is not None and out._base.shape[-1] != self.vocabulary if torch.is_tensor(out) else False
+        if isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == self.vocabulary and not transposed:
             self.largest = max(self.largest, out.numel())
         return out
 

@@ -158,7 +158,9 @@ def _scored_positions(hidden: torch.Tensor, head: torch.nn.Module, labels: torch
     rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     picked_hidden, picked_targets = hidden[:, :-1][rows, columns], targets[rows, columns]
     if type(head) is torch.nn.Linear:
-        logprobs, means = _HeadLogprobs.apply(picked_hidden, head.weight, head.bias, picked_targets, temperature)
+        # The chunks' buffers made out here, where the dry run sees them.
+        chunks = HeadChunks(picked_hidden, head.weight, head.bias, temperature)
+        logprobs, means = _HeadLogprobs.apply(picked_hidden, head.weight, head.bias, chunks, picked_targets)
         return rows, columns, logprobs, means
     # A head that is more than a Linear (peft's LoRA or modules_to_save on it): autograd, each chunk recomputed.
     size = max(1, CHUNK_ELEMENTS // getattr(head, "out_features", 2**17))
@@ -187,11 +189,10 @@ class _HeadLogprobs(torch.autograd.Function):
     gradient."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: HeadChunks,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logprobs = hidden.new_empty(len(targets), dtype=torch.float32)
         means, logsumexp = torch.empty_like(logprobs), torch.empty_like(logprobs)
-        chunks = HeadChunks(hidden, weight, bias, temperature)
         for rows, logits in chunks:
             logsumexp[rows] = chunks.logsumexp_(logits)
             means[rows] = logits.mean(dim=-1)
@@ -199,7 +200,7 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         # The backward pass runs outside autocast: it recomputes the logits in the forward's dtype, or the
         # softmax would not match the log-sum-exp kept.
-        ctx.temperature, ctx.dtype = temperature, chunks.dtype
+        ctx.temperature, ctx.dtype = chunks.temperature, chunks.dtype
         ctx.mark_non_differentiable(means)
         return logprobs, means
 
