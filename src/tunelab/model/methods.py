@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from tunelab.config import Config, ConfigError
 from tunelab.model.adapters import add_adapter
+from tunelab.model.fused_lora import fuse_lora_layers
 from tunelab.model.layers import (decoder_layers_prefix, embedding_names, layer_pattern, names_module, num_layers,
                                   trainable_layer_ids)
 from tunelab.model.precision import set_trainable_dtype, upcast_layernorm, upcast_lmhead_output
@@ -47,6 +48,8 @@ def apply_method(model: "PreTrainedModel", config: Config, vocab_resized: bool =
         raise ConfigError(f"nothing left to train: `finetuning_type: {config.finetuning_type}`{keys} freezes every "
                           f"weight of {config.model_name_or_path}")
     set_trainable_dtype(model, config)
+    if config.method == "lora":
+        fuse_lora_layers(model)
     if config.upcast_layernorm:
         upcast_layernorm(model)
     if config.upcast_lmhead_output:
