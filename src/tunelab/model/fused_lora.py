@@ -9,8 +9,9 @@ adapter's dtype (under autocast, cast back by the next matmul), a multiplication
 backward: peft took 33% longer than the frozen base layer alone in float32 and 74% in bfloat16 autocast.
 
 A layer runs fused only while that computes what peft would: one active adapter, plain LoRA (no DoRA or other
-variant), no dropout, a plain nn.Linear base that is not trained and not quantized, adapters neither merged nor
-disabled (`disable_adapter()`, as the reference model of dpo and ASFT uses it). Otherwise peft's own forward runs.
+variant), no dropout, a plain nn.Linear base that is not trained, not quantized and not sharded (ZeRO-3 and FSDP
+gather a weight only for its own module's forward), adapters neither merged nor disabled (`disable_adapter()`, as
+the reference model of dpo and ASFT uses it). Otherwise peft's own forward runs.
 The module itself is unchanged, so saving, merging and loading the adapter are peft's.
 """
 
@@ -43,7 +44,9 @@ def _fused_forward(peft_forward: Any) -> Any:
                 or self.lora_B[name].bias is not None or base.weight.requires_grad
                 or (base.bias is not None and base.bias.requires_grad)
                 # Without autocast, peft runs a half-precision base and float32 adapters each in its own dtype.
-                or (not autocast and base.weight.dtype != self.lora_A[name].weight.dtype)):
+                or (not autocast and base.weight.dtype != self.lora_A[name].weight.dtype)
+                # Sharded by ZeRO-3 (ds_id) or FSDP (a DTensor): whole only inside the submodules' own forwards.
+                or hasattr(base.weight, "ds_id") or hasattr(base.weight, "to_local")):
             return peft_forward(x, *args, **kwargs)
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                  self.scaling[name])
