@@ -89,7 +89,7 @@ class HeadChunks:
         self.whole_chunks = self.dtype != torch.float32 and hidden.device.type == "cpu"
         shape = (self.size if self.whole_chunks else min(self.size, len(hidden)), weight.shape[0])
         self.logits = hidden.new_empty(shape, dtype=torch.float32)
-        self.scratch: torch.Tensor | None = None   # for logsumexp_, made on first use
+        self.scratch: torch.Tensor | None = None   # see _scratch
         # The matmul's own output when it is not float32; float32 ones write straight into `logits`.
         self.low = self.logits if self.dtype == torch.float32 else hidden.new_empty(shape, dtype=self.dtype)
 
@@ -114,18 +114,20 @@ class HeadChunks:
         """A chunk's logits turned into log-probabilities in place, rounded as log_softmax rounds them:
         (x - max) - log(sum(exp(x - max)))."""
         logits.sub_(logits.amax(dim=-1, keepdim=True))
-        if self.scratch is None:
-            self.scratch = torch.empty_like(self.logits)
-        exp = torch.exp(logits, out=self.scratch[:len(logits)])
+        exp = torch.exp(logits, out=self._scratch(len(logits)))
         return logits.sub_(exp.sum(dim=-1, keepdim=True).log_())
 
     def logsumexp_(self, logits: torch.Tensor) -> torch.Tensor:
         """logsumexp over the vocabulary of a chunk's `logits`, which stay as they are ([n]; scratch for the exp)."""
+        largest = logits.amax(dim=-1, keepdim=True)
+        exp = torch.sub(logits, largest, out=self._scratch(len(logits))).exp_()
+        return exp.sum(dim=-1).log_().add_(largest.squeeze(-1))
+
+    def _scratch(self, rows: int) -> torch.Tensor:
+        """`rows` rows of a second buffer the size of `logits`, made on first use (the exp of a chunk)."""
         if self.scratch is None:
             self.scratch = torch.empty_like(self.logits)
-        largest = logits.amax(dim=-1, keepdim=True)
-        exp = torch.sub(logits, largest, out=self.scratch[:len(logits)]).exp_()
-        return exp.sum(dim=-1).log_().add_(largest.squeeze(-1))
+        return self.scratch[:rows]
 
     def backpropagate(self, rows: slice, gradient: torch.Tensor, grad_hidden: torch.Tensor | None,
                       grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None) -> None:
@@ -151,6 +153,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 targets: torch.Tensor, weigh: TokenWeights | None, reference_hidden: torch.Tensor | None,
                 reference_head: torch.nn.Linear | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        wants_any = wants_hidden or wants_weight or wants_bias
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
         # float32 sums for the head's gradients: each adds up every chunk.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
@@ -170,7 +173,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
                 total += alpha * kl.sum()
                 kl_total += kl.sum()
-            if not any(ctx.needs_input_grad[:3]):
+            if not wants_any:
                 continue
             # d/dlogits of w x CE + alpha x KL(q || p): w x (p - onehot) + alpha x (p - q), built in place in p.
             gradient = log_p.exp_()
