@@ -19,6 +19,9 @@ class Rule(NamedTuple):
     message: str
 
 
+#: The samplers transformers' Trainer has (`train_sampling_strategy`).
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "batch_rebalance")
+
 def _has_eval_data(c: Config) -> bool:
     return c.val_size > 0 or bool(c.eval_dataset)
 
@@ -141,6 +144,9 @@ RULES: tuple[Rule, ...] = (
          "for QLoRA across devices, or LoRA on the float model under FSDP"),
     Rule(lambda c: bool(c.extra_training_args.get("fsdp")) and bool(c.extra_training_args.get("deepspeed")),
          "`fsdp` and `deepspeed` are two engines for the same job: keep one"),
+    # transformers lists these choices but does not check them: another value would train in the default order.
+    Rule(lambda c: c.extra_training_args.get("train_sampling_strategy", "random") not in SAMPLING_STRATEGIES,
+         f"`train_sampling_strategy` must be one of {', '.join(SAMPLING_STRATEGIES)}"),
     Rule(lambda c: not _stage(c).next_token_loss and (c.packing or c.neat_packing),
          f"`packing` applies to {stages_where(lambda s: s.next_token_loss)}: the other stages score whole samples"),
     Rule(lambda c: not _stage(c).next_token_loss and c.padding_free,
