@@ -189,6 +189,7 @@ RULE_CASES = {
         "finetuning_type": "qlora", "deepspeed": str(REPO / "examples" / "deepspeed" / "ds_z3_config.json")},
     "`fsdp` cannot shard a bitsandbytes-quantized base": {"finetuning_type": "qlora", "fsdp": "full_shard"},
     "two engines for the same job": {"fsdp": "full_shard", "deepspeed": {"zero_optimization": {"stage": 2}}},
+    "must be one of random, sequential, group_by_length": {"train_sampling_strategy": "group_by_lenght"},
     "builds its own optimizer from `optim`": {"stage": "grpo", "reward_funcs": "m:f", "use_muon": True},
     "`use_llama_pro` trains the expanded blocks only": {"finetuning_type": "full", "use_llama_pro": True},
     "change the SFT loss": {"stage": "pt", "use_dft_loss": True},

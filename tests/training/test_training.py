@@ -367,11 +367,3 @@ def test_group_by_length_batches_samples_of_similar_length(tiny_model_dir, tmp_p
                              train_sampling_strategy="group_by_length"))
     assert len(losses(out)) == 3
 
-
-def test_an_unknown_sampling_strategy_is_refused_before_loading(tiny_model_dir, tmp_path):
-    """transformers does not check `train_sampling_strategy`; a typo would train in the default order unnoticed."""
-    from tunelab.config import load_config
-
-    with pytest.raises(ConfigError, match="`train_sampling_strategy` must be one of random, sequential, "
-                                          "group_by_length, batch_rebalance"):
-        load_config(run_config(tiny_model_dir, tmp_path, train_sampling_strategy="group_by_lenght"))
