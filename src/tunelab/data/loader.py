@@ -195,10 +195,12 @@ def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, templat
                         **_map_options(config, raw, f"converting {spec.name}"))
     converted = measure_media(converted, spec, config, media, kind, rows,
                               _map_options(config, converted, f"reading the media of {spec.name}"))
-    rules = list(converted["_rule"])
+    # Whole columns are read through Arrow: iterating `converted[name]` would format the rows one by one.
+    columns = converted.select_columns(["_rule", NUMBERS_COLUMN]).with_format("arrow")[:]
+    rules = columns.column("_rule").to_pylist()
     # Raises when nothing survives, or at the first invalid sample with strict_data.
     validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows,
-                               numbers=list(converted[NUMBERS_COLUMN]))
+                               numbers=columns.column(NUMBERS_COLUMN).to_pylist())
     if validation.skipped:
         logger.warning("dataset %r: %s", spec.name, validation.summary())
         converted = converted.select([i for i, rule in enumerate(rules) if not rule])

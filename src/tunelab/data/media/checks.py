@@ -59,8 +59,12 @@ def measure_media(converted: Any, spec: DatasetSpec, config: Any, media: Any, ki
 
     def first(key: str) -> tuple[str, str] | None:
         """Where the first valid sample holding `key` files is, and its first file."""
-        index = next((i for i, files in enumerate(converted[key]) if files), None)
-        if index is None:
+        import pyarrow.compute as pc
+
+        # In Arrow: the rows of a text dataset are never turned into Python objects.
+        holding = pc.greater(pc.list_value_length(converted.with_format("arrow")[key]), 0)
+        index = pc.index(holding, True).as_py()
+        if index < 0:
             return None
         sample = locate(rows[index] if rows is not None else index)
         return f"dataset {spec.name!r}: {sample}", converted[index][key][0]
