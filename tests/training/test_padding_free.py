@@ -17,7 +17,8 @@ from tunelab.config import ConfigError, load_config
 from tunelab.data import DataCollator
 from tunelab.data.collator import flatten, split_padding_free
 from tunelab.data.processing import IGNORE_INDEX
-from tunelab.model.segment_attention import NAME, sample_starts, use_padding_free, use_segment_attention
+from tunelab.model.segment_attention import (NAME, sample_starts, use_padding_free, use_segment_attention,
+                                             wants_padding_free)
 from helpers import read_log, run_config
 
 
@@ -154,12 +155,22 @@ def test_a_padding_free_row_splits_into_passes_of_whole_samples():
 def test_padding_free_switches_sdpa_to_segment_attention(tiny_model_dir, tmp_path):
     from tunelab.model import load_model, load_tokenizer
 
-    for keys, used, attention in (({}, False, "sdpa"), ({"padding_free": True}, True, NAME),
-                                  ({"padding_free": True, "flash_attn": "eager"}, True, "eager")):
+    for keys, used, attention in (({}, True, NAME), ({"padding_free": False}, False, "sdpa"),
+                                  ({"padding_free": True}, True, NAME),
+                                  ({"padding_free": True, "flash_attn": "eager"}, True, "eager"),
+                                  ({"flash_attn": "eager"}, False, "eager")):  # unset: eager would score whole rows
         config = load_config(run_config(tiny_model_dir, tmp_path, **keys))
         model = load_model(config, load_tokenizer(config), trainable=True)
         assert use_padding_free(config, model) is used, keys
         assert model.config._attn_implementation == attention, keys
+
+
+def test_padding_free_left_unset_is_on_for_sft_on_text_only(tiny_model_dir, tiny_qwen2_vl_dir, tmp_path):
+    assert wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path)))
+    for keys in ({"stage": "pt", "dataset": "pretrain_demo"}, {"stage": "rm", "dataset": "dpo_demo"},
+                 {"stage": "dpo", "dataset": "dpo_demo"}, {"packing": True}, {"neat_packing": True},
+                 {"model_name_or_path": str(tiny_qwen2_vl_dir), "template": "qwen2_vl"}):
+        assert not wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path, **keys))), keys
 
 
 def test_padding_free_is_refused_where_whole_samples_are_scored(tiny_model_dir, tmp_path):
@@ -184,3 +195,7 @@ def test_padding_free_is_refused_for_a_model_class_from_remote_code(tiny_model_d
     with pytest.raises(ConfigError, match="`padding_free` needs a model class of transformers.*RemoteLlama comes "
                                           "from the model's own code"):
         use_padding_free(replace(config, padding_free=True), model)
+    # Left unset, it stays off: config.json announces the remote class before anything loads, so the step keeps
+    # its padded micro-batches; and were the class not announced there, the loaded model would still turn it off.
+    assert not wants_padding_free(config)
+    assert not use_padding_free(replace(config, trust_remote_code=False), model)

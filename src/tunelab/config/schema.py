@@ -74,9 +74,11 @@ class DataOptions:
     strict_data: bool = option(False, "Refuse the whole dataset at its first invalid sample instead of skipping it.")
     packing: bool | None = option(None, "Pack several samples into each cutoff_len row (default: on for pt only).")
     neat_packing: bool = option(False, "Pack without attention across samples (position ids restart per sample).")
-    padding_free: bool = option(False, "Run each step's samples back to back without padding, in forward passes of "
-                                       "up to per_device_train_batch_size x cutoff_len tokens, attention kept within "
-                                       "each sample (sft, pt on text): the same loss, no work on pad tokens.")
+    padding_free: bool | None = option(
+        None, "Run each step's samples back to back without padding, in forward passes of up to "
+              "per_device_train_batch_size x the longest sample's tokens, attention kept within each sample (sft, "
+              "pt on text): the same loss, no work on pad tokens. Default: on for sft on text with a transformers "
+              "model class and sdpa or FlashAttention.")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
         "concat", "How several datasets are mixed: one after another, or interleaved until the shortest/longest ends.")
     interleave_probs: list[float] | None = option(

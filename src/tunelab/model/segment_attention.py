@@ -21,6 +21,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tunelab.config import Config, ConfigError
+from tunelab.config.stages import STAGE_SPECS
+from tunelab.data.media.families import family_for
+from tunelab.data.media.loading import model_config_values
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +70,33 @@ def use_segment_attention(model: Any) -> None:
     model.set_attn_implementation(NAME)
 
 
+def wants_padding_free(config: Config) -> bool:
+    """`padding_free` as set, or, left unset, on where it trains exactly as padded batches do and costs nothing: stage
+    sft, samples not packed already, text only (not a vision-language model), a model class of transformers (no
+    `auto_map` run through `trust_remote_code`) and attention that skips the other samples' tokens (sdpa or
+    FlashAttention, not eager)."""
+    if config.padding_free is not None:
+        return config.padding_free
+    if STAGE_SPECS[config.stage].data != "sft" or config.packing or config.neat_packing \
+            or config.flash_attn in ("disabled", "eager"):
+        return False
+    values = model_config_values(config)
+    remote_code = config.trust_remote_code and "auto_map" in values
+    return not remote_code and family_for(values.get("model_type")) is None
+
+
 def use_padding_free(config: Config, model: Any) -> bool:
-    """Whether the run batches padding-free (`padding_free`), switching a model that runs sdpa to `sdpa_segments` when
-    it does. The config rules and the data layer refuse it for stages that score whole samples and for images and
-    videos (vision-language positions do not restart per sample yet); here, a model class from the model's own code
-    (`trust_remote_code`), which may not keep the samples of a row apart by their position ids as transformers' own
-    classes do: its samples would see each other."""
+    """Whether the run batches padding-free (`wants_padding_free`), switching a model that runs sdpa to
+    `sdpa_segments` when it does. The config rules and the data layer refuse `padding_free: true` for stages that
+    score whole samples and for images and videos (vision-language positions do not restart per sample yet); here, a
+    model class from the model's own code (`trust_remote_code`), which may not keep the samples of a row apart by
+    their position ids as transformers' own classes do: its samples would see each other."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    wanted = config.padding_free
+    wanted = wants_padding_free(config)
     if wanted and not type(base).__module__.startswith("transformers."):
+        if config.padding_free is None:  # a remote class config.json did not announce: pad, to stay correct
+            logger.info("padding_free stays off: %s comes from the model's own code", type(base).__name__)
+            return False
         raise ConfigError(f"`padding_free` needs a model class of transformers, which keeps the samples of a row "
                           f"apart by their position ids; {type(base).__name__} comes from the model's own code "
                           f"({type(base).__module__}): leave `padding_free` off")

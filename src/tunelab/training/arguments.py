@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from tunelab.config import Config, ConfigError
 from tunelab.model.precision import cpu_bf16_speedup
+from tunelab.model.segment_attention import wants_padding_free
 from tunelab.training.engines import engine_arguments
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def step_layout(config: Config) -> dict[str, int]:
     accumulated micro-steps themselves."""
     batch, steps = config.per_device_train_batch_size, config.gradient_accumulation_steps
     engine = config.extra_training_args.get("deepspeed") or config.extra_training_args.get("fsdp")
-    if config.padding_free and steps > 1 and not engine:
+    if wants_padding_free(config) and steps > 1 and not engine:
         logger.info("padding_free: the %d samples of a step come as one batch, run in forward passes of up to %d "
                     "tokens (per_device_train_batch_size x cutoff_len)", batch * steps, batch * config.cutoff_len)
         batch, steps = batch * steps, 1

@@ -31,8 +31,10 @@ import torch
 from transformers import PreTrainedModel
 
 from tunelab.config import Config
+from tunelab.config.stages import STAGE_SPECS
 from tunelab.data.collator import split_padding_free
 from tunelab.data.processing import IGNORE_INDEX
+from tunelab.data.stats import row_lengths
 from tunelab.training.chunked_loss import TokenWeights, head_cross_entropy, token_losses
 from tunelab.training.engines import place_frozen_model
 from tunelab.training.logprobs import hidden_states_out
@@ -113,8 +115,16 @@ class SFTTrainer(MetricsTrainer):
         self._head: torch.nn.Module | None = None
         self._reference_states: tuple[torch.Tensor, torch.nn.Module | None] | None = None
         # A padding-free step's samples come as one row (arguments.step_layout): run in passes of at most this many
-        # tokens.
-        self.pass_tokens = config.per_device_train_batch_size * config.cutoff_len
+        # tokens, the most a padded micro-batch of this training set could hold.
+        self.pass_tokens = config.per_device_train_batch_size * self._longest_row(config)
+
+    def _longest_row(self, config: Config) -> int:
+        """The training set's longest row, rounded up as the collator pads (cutoff_len for a stream)."""
+        if not hasattr(self.train_dataset, "select_columns") or not len(self.train_dataset):
+            return config.cutoff_len
+        longest = int(row_lengths(self.train_dataset, STAGE_SPECS[config.stage].data).max())
+        multiple = getattr(self.data_collator, "pad_to_multiple_of", None) or 1
+        return -(-longest // multiple) * multiple
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:

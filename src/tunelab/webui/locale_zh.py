@@ -52,8 +52,9 @@ KEYS: dict[str, tuple[str, str]] = {
     "packing": ("序列打包", "将多条样本打包进每个 cutoff_len 长度的行（默认：仅 pt 开启）。"),
     "neat_packing": ("无污染打包", "打包时样本之间互不做注意力（位置 id 按样本重新计数）。"),
     "padding_free": ("无填充批次", "每步的样本首尾相接、不补齐，每次前向最多 "
-                                   "per_device_train_batch_size × cutoff_len 个词元，注意力只在各样本内部"
-                                   "（sft、pt，纯文本）：损失不变，省去填充的计算。"),
+                                   "per_device_train_batch_size × 最长样本的词元数，注意力只在各样本内部"
+                                   "（sft、pt，纯文本）：损失不变，省去填充的计算。默认：sft 纯文本、transformers "
+                                   "自带的模型类、sdpa 或 FlashAttention 时开启。"),
     "mix_strategy": (
         "数据混合策略",
         "多个数据集的混合方式：依次拼接，或交错混合直到最短/最长的数据集用完。",

@@ -36,20 +36,26 @@ def load_media_processor(config: Any, tokenizer: Any) -> MediaProcessor | None:
 def model_type(config: Any) -> str | None:
     """The `model_type` of the configured model's config.json; None when it has none (or the hub cannot be reached:
     then loading the model reports why)."""
+    return model_config_values(config).get("model_type")
+
+
+def model_config_values(config: Any) -> dict[str, Any]:
+    """The configured model's config.json as a dict; empty for a .gguf file, an embedded model, or a model whose
+    config.json cannot be read (loading the model then reports why)."""
     name = str(config.model_name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
         file = path / "config.json"
-        return json.loads(file.read_text(encoding="utf-8")).get("model_type") if file.is_file() else None
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     if path.exists() or name.startswith("tunelab:"):  # a .gguf file, or an embedded model: text only
-        return None
+        return {}
     from transformers import PretrainedConfig
 
     try:
         values, _ = PretrainedConfig.get_config_dict(name, **_hub_kwargs(config))
     except (OSError, ValueError):
-        return None
-    return values.get("model_type")
+        return {}
+    return values
 
 
 def not_a_vision_model(config: Any) -> str:
