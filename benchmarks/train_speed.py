@@ -14,9 +14,10 @@ seed 42, `--steps` optimizer steps. `--model`:
 
 Rows, each in a fresh process, one at a time: tunelab with its defaults; with `--llamafactory`, LLaMA-Factory with
 its defaults (gradient checkpointing on) and with checkpointing off (its fastest setting); in bf16 (`bf16: true`,
-which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same; and tunelab with `padding_free: true`
-(a step's samples back to back without padding, in passes of up to batch x 1024 tokens); with `--batch` above 1,
-also tunelab with `train_sampling_strategy: group_by_length` (padded batches of samples of similar length).
+which LLaMA-Factory refuses on a CPU unless `use_cpu: true` is added) the same. tunelab's defaults run a step's
+samples back to back without padding (`padding_free`, on by default for sft: passes of up to batch x the longest
+sample's tokens); a second tunelab row pads, as before (`padding_free: false`); with `--batch` above 1, also
+tunelab padded with `train_sampling_strategy: group_by_length` (padded batches of samples of similar length).
 tokens/s counts the samples' tokens, not the padding (`include_num_input_tokens_seen: non_padding` in both tools),
 from each run's trainer_log.jsonl (`total_tokens` over `elapsed_time`, whole seconds: give short runs more `--steps`)
 between the first and the last step, so start-up, data preparation and the first step's warm-up are left out; peak
@@ -172,11 +173,12 @@ def main() -> None:
         precision = {"bf16": True} if dtype == "bf16" else {}
         rate = matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32)
         print(f"{dtype} matmul: {rate / 1e9:.0f} GFLOP/s")
-        runs = [(f"tunelab defaults, {dtype}", TUNELAB, precision),
-                (f"tunelab, padding_free: true, {dtype}", TUNELAB, {**precision, "padding_free": True})]
+        runs = [(f"tunelab defaults (padding-free), {dtype}", TUNELAB, precision),
+                (f"tunelab, padding_free: false, {dtype}", TUNELAB, {**precision, "padding_free": False})]
         if args.batch > 1:   # padded batches of samples of similar length (a different order, so other losses)
-            runs.insert(1, (f"tunelab, train_sampling_strategy: group_by_length, {dtype}", TUNELAB,
-                            {**precision, "train_sampling_strategy": "group_by_length"}))
+            runs.insert(1, (f"tunelab, padding_free: false, train_sampling_strategy: group_by_length, {dtype}",
+                            TUNELAB, {**precision, "padding_free": False,
+                                      "train_sampling_strategy": "group_by_length"}))
         if args.llamafactory:
             lf = [args.llamafactory, "train"]
             lf_precision = {**precision, "use_cpu": True} if dtype == "bf16" else {}

@@ -31,7 +31,7 @@ from tunelab.data import get_template, load_datasets, loader, resolve_datasets, 
 from tunelab.data.formats import convert_batch
 from tunelab.data.processing import PROCESSORS
 from tunelab.data.registry import data_kind
-from tunelab.data.template.tokens import _split_by_prefixes
+from tunelab.data.template.tokens import _cuts_at_borders, _cuts_by_spans, _split_by_prefixes
 from tunelab.data.workers import ROWS_PER_WORKER, available_cores, map_workers
 from helpers import LF_DATA, REPO, TOKENIZERS
 
@@ -164,6 +164,23 @@ def test_cut_from_prefixes_equals_cut_from_spans(cache_dir, name, folder):
     for conversation, pairs in zip(conversations, template.encode_batch(tokenizer, conversations)):
         cut = _split_by_prefixes(tokenizer, template.render_pieces(tokenizer, *conversation))
         assert list(zip(cut[0::2], cut[1::2])) == pairs
+
+
+@needs_shared
+@pytest.mark.parametrize(("name", "folder"), PAIRS, ids=[f"{name or 'own'}-{folder}" for name, folder in PAIRS])
+def test_border_lookups_cut_where_the_spans_do(cache_dir, name, folder):
+    """The cut from a few lookups at the borders (`_cuts_at_borders`) is the one every token's span gives, and it
+    serves every demo conversation (the spans are read only where it cannot)."""
+    tokenizer, template, _ = prepared(TOKENIZERS / folder, name)
+    batch = internal_rows(cache_dir, LF_DATA, "glaive_toolcall_en_demo" if template.supports_tools else
+                          "alpaca_en_demo", "sft", 100)
+    texts = [template.render_pieces(tokenizer, *conversation)
+             for conversation in zip(batch["messages"], batch["system"], batch["tools"])]
+    texts += [[*pieces, ""] for pieces in texts[:10]]   # an empty last piece, as a generation prompt ends
+    for pieces, encoding in zip(texts, tokenizer.backend_tokenizer.encode_batch(["".join(p) for p in texts],
+                                                                                add_special_tokens=False)):
+        cuts = _cuts_at_borders(encoding, pieces, len(encoding.ids))
+        assert cuts is not None and cuts == _cuts_by_spans(encoding, pieces), pieces
 
 
 @pytest.mark.parametrize(("dataset", "stage"), OWN_SETS, ids=[f"{d}-{s}" for d, s in OWN_SETS])

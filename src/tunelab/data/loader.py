@@ -32,7 +32,7 @@ from tunelab.data.files import read_rows
 from tunelab.data.formats import NUMBERS_COLUMN, convert_batch, features
 from tunelab.data.media.checks import measure_media, refuse_media_setup, skip_cut_samples
 from tunelab.data.packing import pack_rows
-from tunelab.data.processing import BATCH_BOUND, PROCESSORS, TRUNCATED_COLUMN
+from tunelab.data.processing import BATCH_BOUND, PROCESSORS, TRUNCATED_COLUMN, arrow_rows
 from tunelab.data.registry import data_kind, resolve_datasets
 from tunelab.data.spec import DataError, DatasetSpec
 from tunelab.data.stats import SEQUENCES, LoadReport, describe_example, describe_tokens, measure
@@ -205,9 +205,10 @@ def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, templat
         logger.warning("dataset %r: %s", spec.name, validation.summary())
         converted = converted.select([i for i, rule in enumerate(rules) if not rule])
     converted = converted.remove_columns(["_rule", NUMBERS_COLUMN])
-    tokenized = converted.map(PROCESSORS[kind], batched=True, batch_size=config.preprocessing_batch_size,
+    tokenized = converted.map(arrow_rows, batched=True, batch_size=config.preprocessing_batch_size,
                               remove_columns=converted.column_names,
-                              fn_kwargs=dict(tokenizer=tokenizer, template=template, config=config, media=media),
+                              fn_kwargs=dict(kind=kind, tokenizer=tokenizer, template=template, config=config,
+                                             media=media),
                               **_map_options(config, converted, f"tokenizing {spec.name}", kind not in BATCH_BOUND))
     tokenized, validation = skip_cut_samples(tokenized, spec, rules, validation, config, rows)
     tokens = measure(tokenized, kind)

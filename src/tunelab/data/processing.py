@@ -54,12 +54,15 @@ call (`Template.encode_batch`; pt: the tokenizer's own batch call). Packing SFT 
 """
 
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 
 IGNORE_INDEX = -100
 
 Pairs = list[tuple[list[int], list[int]]]
+#: The ends of the names of the columns that hold token ids (or masks), in every sequence group.
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 Columns = dict[str, list]
 
 
@@ -188,9 +191,11 @@ def sft_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, med
     for index, pairs in enumerate(template.encode_batch(tokenizer, _conversations(batch, media))):
         _add_row(out, *sft_example(pairs, config.cutoff_len, config.train_on_prompt, config.mask_history),
                  media=media)
-        full = [i for prompt, reply in pairs for i in prompt + reply]
-        out[TRUNCATED_COLUMN].append(len(full) > len(out["input_ids"][-1]))
-        _add_media(out, batch, index, media, full, out["input_ids"][-1])
+        out[TRUNCATED_COLUMN].append(sum(len(prompt) + len(reply) for prompt, reply in pairs)
+                                     > len(out["input_ids"][-1]))
+        if media is not None:
+            full = [i for prompt, reply in pairs for i in prompt + reply]
+            _add_media(out, batch, index, media, full, out["input_ids"][-1])
     return out
 
 
@@ -282,6 +287,32 @@ def pt_batch(batch: Columns, *, tokenizer: Any, template: Any, config: Any, medi
 PROCESSORS: dict[str, Callable[..., Columns]] = {
     "pt": pt_batch, "sft": sft_batch, "pairwise": pairwise_batch, "kto": kto_batch, "prompt": prompt_batch,
 }
+
+
+def arrow_rows(batch: Columns, *, kind: str, **keys: Any) -> Any:
+    """`PROCESSORS[kind]` for `datasets.map`, returning a pyarrow Table: each token column goes to Arrow through one
+    flat numpy array, about 4x faster than `datasets` converts nested lists of Python ints (measured: 0.23 s against
+    1 s for 50,000 rows of 275 ids). Rows with images or videos keep the processor's lists (their file lists may
+    all be empty in a batch, which Arrow alone could not type)."""
+    out = PROCESSORS[kind](batch, **keys)
+    if keys.get("media") is not None or not any(out.values()):
+        return out
+    import pyarrow as pa
+
+    return pa.table({name: _id_lists(values) if name.endswith(TOKEN_COLUMNS) else pa.array(values)
+                     for name, values in out.items()})
+
+
+def _id_lists(rows: list[list[int]]) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
 #: Kinds whose rows depend on the other samples of their batch (pt chunks the batch's documents together, kto pairs
 #: each prompt with the next sample's reply), so another cut of the data into batches gives other rows.
 BATCH_BOUND = ("pt", "kto")

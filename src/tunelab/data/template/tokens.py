@@ -37,15 +37,43 @@ def split_tokens_batch(tokenizer: Any, texts: list[list[str]]) -> list[list[list
     encodings = backend.encode_batch(["".join(pieces) for pieces in texts], add_special_tokens=False)
     out = []
     for encoding, pieces in zip(encodings, texts):
-        ends = [end for _, end in encoding.offsets]
-        if ends != sorted(ends):  # bisecting needs ordered spans; without them the prefixes find the cut
+        full = encoding.ids
+        cuts = _cuts_at_borders(encoding, pieces, len(full))
+        if cuts is None:
+            cuts = _cuts_by_spans(encoding, pieces)
+        if cuts is None:
             out.append(_split_by_prefixes(tokenizer, pieces))
             continue
-        full = encoding.ids
-        borders = accumulate(len(piece) for piece in pieces[:-1])
-        cuts = [0, *(bisect_right(ends, border) for border in borders), len(full)]
+        cuts = [0, *cuts, len(full)]
         out.append([full[a:b] for a, b in zip(cuts, cuts[1:])])
     return out
+
+
+def _cuts_at_borders(encoding: Any, pieces: list[str], tokens: int) -> list[int] | None:
+    """Where each piece after the first starts among the tokens: the token that holds the piece's first character,
+    provided the token before it ends by the border. A few lookups per text instead of reading every token's span
+    (`_cuts_by_spans`, which is what this gives); None where a border character belongs to no token or the tokens
+    around a border overlap it."""
+    cuts, border, length = [], 0, sum(len(piece) for piece in pieces)
+    for piece in pieces[:-1]:
+        border += len(piece)
+        if border >= length:   # only empty pieces follow: they get no token
+            cuts.append(tokens)
+            continue
+        token = encoding.char_to_token(border)
+        if token is None or (token and encoding.token_to_chars(token - 1)[1] > border):
+            return None
+        cuts.append(token)
+    return cuts
+
+
+def _cuts_by_spans(encoding: Any, pieces: list[str]) -> list[int] | None:
+    """The same cuts from every token's character span: a token belongs to the piece its text ends in. None when the
+    spans' ends go backwards (then bisecting them means nothing)."""
+    ends = [end for _, end in encoding.offsets]
+    if ends != sorted(ends):
+        return None
+    return [bisect_right(ends, border) for border in accumulate(len(piece) for piece in pieces[:-1])]
 
 
 _PROBE = "<|im_start|>user\n Hi  there,\t世界!\n\n</s><s>[INST] ok ✓<|im_end|>\n"
