@@ -169,6 +169,7 @@ def test_padding_free_left_unset_is_on_for_sft_on_text_only(tiny_model_dir, tiny
     assert wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path)))
     for keys in ({"stage": "pt", "dataset": "pretrain_demo"}, {"stage": "rm", "dataset": "dpo_demo"},
                  {"stage": "dpo", "dataset": "dpo_demo"}, {"packing": True}, {"neat_packing": True},
+                 {"neftune_noise_alpha": 5},
                  {"model_name_or_path": str(tiny_qwen2_vl_dir), "template": "qwen2_vl"}):
         assert not wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path, **keys))), keys
 

@@ -74,11 +74,12 @@ def wants_padding_free(config: Config) -> bool:
     """`padding_free` as set, or, left unset, on where it trains exactly as padded batches do and costs nothing: stage
     sft, samples not packed already, text only (not a vision-language model), a model class of transformers (no
     `auto_map` run through `trust_remote_code`) and attention that skips the other samples' tokens (sdpa or
-    FlashAttention, not eager)."""
+    FlashAttention, not eager). Not with NEFTune (`neftune_noise_alpha`), whose noise shrinks with the row's length:
+    a row of several samples would get less noise than each sample padded."""
     if config.padding_free is not None:
         return config.padding_free
     if STAGE_SPECS[config.stage].data != "sft" or config.packing or config.neat_packing \
-            or config.flash_attn in ("disabled", "eager"):
+            or config.flash_attn in ("disabled", "eager") or config.extra_training_args.get("neftune_noise_alpha"):
         return False
     values = model_config_values(config)
     remote_code = config.trust_remote_code and "auto_map" in values

@@ -19,8 +19,9 @@ def split_tokens(tokenizer: Any, pieces: list[str]) -> list[list[int]]:
 
     The ids are always the whole text's, so prompt and reply ids concatenated are exactly what inference sees. A
     token belongs to the piece its text ends in: one that spans a border (Qwen's "\\n\\n" when a reply starts with a
-    newline after "assistant\\n") goes to the later piece. Fast tokenizers give each token's character span; others
-    are cut where the whole-text ids stop agreeing with the ids of the text up to each border.
+    newline after "assistant\\n") goes to the later piece. Fast tokenizers say which token holds each border's
+    character (or, where that cannot decide, give every token's character span); others are cut where the
+    whole-text ids stop agreeing with the ids of the text up to each border.
     """
     return split_tokens_batch(tokenizer, [pieces])[0]
 
