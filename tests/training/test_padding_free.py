@@ -103,9 +103,9 @@ def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_mod
 @pytest.mark.parametrize("batch, accumulation", [(4, 2), (1, 8)])
 def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path, batch, accumulation):
     """A padding-free step's 8 samples come as one row, run in passes of at most batch x cutoff_len tokens (2 passes
-    of ~4 samples, or 8 of one): the padded run's losses, gradient norms, weights and token counts."""
+    of ~4 samples, or 8 of one), as the defaults do: the padded run's losses, gradient norms, weights and token counts."""
     runs = {}
-    for name, more in (("padded", {}), ("padding_free", {"padding_free": True})):
+    for name, more in (("padded", {"padding_free": False}), ("padding_free", {})):   # padding-free by default
         out = tmp_path / name
         tunelab.train(run_config(tiny_model_dir, out, max_steps=6, logging_steps=1, save_steps=6, cutoff_len=64,
                                  per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
@@ -130,7 +130,7 @@ def test_padding_free_in_bf16_on_a_cpu_pads_each_sample_and_counts_only_its_toke
     """bf16 on a CPU pads each sample of a padding-free row to a multiple of 64: the run counts the tokens the
     padded run counts, and its losses are the padded run's to bf16's rounding."""
     runs = {}
-    for name, more in (("padded", {}), ("padding_free", {"padding_free": True})):
+    for name, more in (("padded", {"padding_free": False}), ("padding_free", {})):   # padding-free by default
         out = tmp_path / name
         tunelab.train(run_config(tiny_model_dir, out, max_steps=3, logging_steps=1, save_steps=6, bf16=True,
                                  per_device_train_batch_size=4, gradient_accumulation_steps=2, **more))
@@ -166,10 +166,13 @@ def test_padding_free_switches_sdpa_to_segment_attention(tiny_model_dir, tmp_pat
 
 
 def test_padding_free_left_unset_is_on_for_sft_on_text_only(tiny_model_dir, tiny_qwen2_vl_dir, tmp_path):
-    assert wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path)))
+    # A row of 16 x 1024 tokens: sdpa's [T, T] mask of it is 256 MiB, the most the default allows.
+    for keys in ({}, {"per_device_train_batch_size": 16, "cutoff_len": 1024}):
+        assert wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path, **keys))), keys
     for keys in ({"stage": "pt", "dataset": "pretrain_demo"}, {"stage": "rm", "dataset": "dpo_demo"},
                  {"stage": "dpo", "dataset": "dpo_demo"}, {"packing": True}, {"neat_packing": True},
-                 {"neftune_noise_alpha": 5},
+                 {"neftune_noise_alpha": 5}, {"per_device_train_batch_size": 32, "cutoff_len": 1024},
+                 {"val_size": 0.2, "per_device_eval_batch_size": 256},  # an evaluation row would be 32k tokens
                  {"model_name_or_path": str(tiny_qwen2_vl_dir), "template": "qwen2_vl"}):
         assert not wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path, **keys))), keys
 

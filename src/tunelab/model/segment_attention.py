@@ -28,21 +28,31 @@ from tunelab.data.media.loading import model_config_values
 logger = logging.getLogger(__name__)
 
 NAME = "sdpa_segments"
+#: `flash_attn` values whose kernels split a row by its position ids, building no mask.
+FLASH_ATTENTION = ("fa2", "fa3")
+#: With sdpa, transformers gives a padding-free row a [T, T] mask of booleans (T tokens): left unset, `padding_free`
+#: keeps T (batch x cutoff_len) to this, a mask of 256 MiB at most. A padded batch's mask is batch x L x L.
+SDPA_ROW_TOKENS = 16384
 
 
 def sample_starts(mask: torch.Tensor | None) -> list[int] | None:
-    """Where each sample of a one-row block-diagonal causal mask starts, or None when `mask` is anything else."""
+    """Where each sample of a one-row block-diagonal causal mask starts, or None when `mask` is anything else.
+
+    Checked without a second [T, T] tensor: each sample's lower triangle must be all true, and the whole mask must
+    hold no more true values than those triangles do."""
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[:2] != (1, 1) \
             or mask.shape[2] != mask.shape[3]:
         return None
     grid = mask[0, 0]
     # A sample starts at each row that does not see the token before it.
     starts = [0, *((~grid.diagonal(-1)).nonzero().flatten() + 1).tolist()]
-    sample = torch.zeros(len(grid), dtype=torch.long, device=grid.device)
-    sample[starts[1:]] = 1
-    sample = sample.cumsum(0)
-    block_causal = (sample[:, None] == sample[None, :]).tril()
-    return starts if torch.equal(grid, block_causal) else None
+    triangles = 0
+    for start, end in zip(starts, [*starts[1:], len(grid)]):
+        size = end - start
+        triangles += size * (size + 1) // 2
+        if int(grid[start:end, start:end].tril().sum()) != size * (size + 1) // 2:
+            return None
+    return starts if int(grid.sum()) == triangles else None
 
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -73,13 +83,18 @@ def use_segment_attention(model: Any) -> None:
 def wants_padding_free(config: Config) -> bool:
     """`padding_free` as set, or, left unset, on where it trains exactly as padded batches do and costs nothing: stage
     sft, samples not packed already, text only (not a vision-language model), a model class of transformers (no
-    `auto_map` run through `trust_remote_code`) and attention that skips the other samples' tokens (sdpa or
-    FlashAttention, not eager). Not with NEFTune (`neftune_noise_alpha`), whose noise shrinks with the row's length:
-    a row of several samples would get less noise than each sample padded."""
+    `auto_map` run through `trust_remote_code`), attention that skips the other samples' tokens (FlashAttention, or
+    sdpa on rows of at most SDPA_ROW_TOKENS; not eager). Not with NEFTune (`neftune_noise_alpha`), whose noise
+    shrinks with the row's length: a row of several samples would get less noise than each sample padded."""
     if config.padding_free is not None:
         return config.padding_free
     if STAGE_SPECS[config.stage].data != "sft" or config.packing or config.neat_packing \
             or config.flash_attn in ("disabled", "eager") or config.extra_training_args.get("neftune_noise_alpha"):
+        return False
+    batch = config.per_device_train_batch_size
+    if config.eval_dataset or config.val_size:
+        batch = max(batch, config.per_device_eval_batch_size)
+    if config.flash_attn not in FLASH_ATTENTION and batch * config.cutoff_len > SDPA_ROW_TOKENS:
         return False
     values = model_config_values(config)
     remote_code = config.trust_remote_code and "auto_map" in values
