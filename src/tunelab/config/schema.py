@@ -77,8 +77,8 @@ class DataOptions:
     padding_free: bool | None = option(
         None, "Run each step's samples back to back without padding, in forward passes of up to "
               "per_device_train_batch_size x the longest sample's tokens, attention kept within each sample (sft, "
-              "pt on text): the same loss, no work on pad tokens. Default: on for sft on text with a transformers "
-              "model class and sdpa or FlashAttention.")
+              "pt on text): the same loss, no work on pad tokens. Default: on for sft on text where it applies (a "
+              "transformers model class; FlashAttention, or sdpa on rows of up to 16,384 tokens).")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
         "concat", "How several datasets are mixed: one after another, or interleaved until the shortest/longest ends.")
     interleave_probs: list[float] | None = option(
