@@ -103,8 +103,8 @@ def test_a_flattened_batch_gives_each_sample_its_own_loss_and_gradients(tiny_mod
 @pytest.mark.parametrize("batch, accumulation", [(4, 2), (1, 8)])
 def test_padding_free_training_repeats_the_padded_run(tiny_model_dir, tmp_path, batch, accumulation):
     """A padding-free step's 8 samples come as one row, run in passes of at most batch x the longest sample's tokens
-    (at 4 x 2, about 2 passes of 4 samples; at 1 x 8, passes of one to a few), as the defaults do: the padded run's losses, gradient norms, weights and
-    token counts."""
+    (at 4 x 2, about 2 passes of 4 samples; at 1 x 8, passes of one to a few), as the defaults do: the padded run's
+    losses, gradient norms, weights and token counts."""
     runs = {}
     for name, more in (("padded", {"padding_free": False}), ("padding_free", {})):   # padding-free by default
         out = tmp_path / name
