@@ -178,6 +178,14 @@ def test_padding_free_left_unset_is_on_for_sft_on_text_only(tiny_model_dir, tiny
         assert not wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path, **keys))), keys
 
 
+def test_padding_free_left_unset_is_off_on_a_gpu_unless_flash_attention_splits_the_row(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path)))
+    for keys in ({"flash_attn": "fa2"}, {"flash_attn": "fa3"}, {"use_cpu": True}, {"padding_free": True}):
+        assert wants_padding_free(load_config(run_config(tiny_model_dir, tmp_path, **keys))), keys
+
+
 def test_padding_free_is_refused_where_whole_samples_are_scored(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="`padding_free` applies to"):
         load_config(run_config(tiny_model_dir, tmp_path, stage="rm", padding_free=True))

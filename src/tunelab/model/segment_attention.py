@@ -67,9 +67,13 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         starts = attention_mask.sample_starts
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    ends = [*starts[1:], query.shape[2]]
-    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
-               for a, b in zip(starts, ends)]
+    if len(starts) == 1:
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    # Split, not sliced: the backward of a slice writes its gradient into a zeroed tensor of the whole row, one per
+    # sample; the backward of a split is one concatenation.
+    sizes = [end - start for start, end in zip(starts, [*starts[1:], query.shape[2]])]
+    outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+               for q, k, v in zip(*(tensor.split(sizes, dim=2) for tensor in (query, key, value)))]
     return torch.cat(outputs, dim=1), None
 
 
@@ -84,18 +88,22 @@ def wants_padding_free(config: Config) -> bool:
     """`padding_free` as set, or, left unset, on where it trains exactly as padded batches do and costs nothing: stage
     sft, samples not packed already, text only (not a vision-language model), a model class of transformers (no
     `auto_map` run through `trust_remote_code`), attention that skips the other samples' tokens (FlashAttention, or
-    sdpa on rows of at most SDPA_ROW_TOKENS; not eager). Not with NEFTune (`neftune_noise_alpha`), whose noise
+    sdpa on a CPU with rows of at most SDPA_ROW_TOKENS; not eager). Not with NEFTune (`neftune_noise_alpha`), whose noise
     shrinks with the row's length: a row of several samples would get less noise than each sample padded."""
     if config.padding_free is not None:
         return config.padding_free
     if STAGE_SPECS[config.stage].data != "sft" or config.packing or config.neat_packing \
             or config.flash_attn in ("disabled", "eager") or config.extra_training_args.get("neftune_noise_alpha"):
         return False
-    batch = config.per_device_train_batch_size
-    if config.eval_dataset or config.val_size:
-        batch = max(batch, config.per_device_eval_batch_size)
-    if config.flash_attn not in FLASH_ATTENTION and batch * config.cutoff_len > SDPA_ROW_TOKENS:
-        return False
+    if config.flash_attn not in FLASH_ATTENTION:
+        batch = config.per_device_train_batch_size
+        if config.eval_dataset or config.val_size:
+            batch = max(batch, config.per_device_eval_batch_size)
+        # On a GPU, sdpa_segments launches each sample's attention kernels on their own: measured faster than
+        # padding on CPUs only, so GPUs pad unless FlashAttention splits the row itself.
+        on_gpu = torch.cuda.is_available() and not config.extra_training_args.get("use_cpu")
+        if on_gpu or batch * config.cutoff_len > SDPA_ROW_TOKENS:
+            return False
     values = model_config_values(config)
     remote_code = config.trust_remote_code and "auto_map" in values
     return not remote_code and family_for(values.get("model_type")) is None
