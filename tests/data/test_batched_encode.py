@@ -242,5 +242,6 @@ def test_unset_workers_leave_batch_bound_maps_in_one_process(tmp_path, tiny_mode
             loaded.append(load_datasets(config, tokenizer, template).train.to_dict())
         assert loaded[0] == loaded[1]
     unset = [(rows, row_wise) for requested, rows, row_wise in calls if requested is None]
-    # per stage: converting, reading media, tokenizing (kto: not row-wise), and sft's packing (not row-wise)
-    assert [row_wise for _, row_wise in unset] == [True, True, False, True, True, True, False]
+    # kto: converting, reading media, tokenizing (not row-wise); sft: converting and tokenizing in one map
+    # (fused_map.py), packing (not row-wise)
+    assert [row_wise for _, row_wise in unset] == [True, True, False, True, False]

@@ -6,7 +6,8 @@
 
 Per dataset: read its files (or hub repository), take `num_samples` / `max_samples`, convert the rows to the internal
 form (formats.py), drop the invalid ones with a count per rule (or refuse the dataset with `strict_data`), tokenize
-with the processor of the data kind (processing.py) and measure the result. Then per split: mix the training
+with the processor of the data kind (processing.py; text of the row-wise kinds converts and tokenizes in one map,
+fused_map.py) and measure the result. Then per split: mix the training
 datasets (`mix_strategy`; evaluation datasets are concatenated, so each is evaluated whole and once), hold out
 `val_size`, and pack (`packing`, `neat_packing`). Tokenizing each dataset before mixing gives the statistics per
 dataset and holds out the same rows as splitting first would (the split depends only on the row count and the seed).
@@ -30,6 +31,7 @@ from typing import Any
 from tunelab.data.cache import cache_folder, cache_key, load_saved, save_splits
 from tunelab.data.files import read_rows
 from tunelab.data.formats import NUMBERS_COLUMN, convert_batch, features
+from tunelab.data.fused_map import convert_and_tokenize, fusable
 from tunelab.data.media.checks import measure_media, refuse_media_setup, skip_cut_samples
 from tunelab.data.packing import pack_rows
 from tunelab.data.processing import BATCH_BOUND, PROCESSORS, TRUNCATED_COLUMN, arrow_rows
@@ -189,33 +191,46 @@ def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, templat
              media: Any) -> tuple[Any, LoadReport]:
     """One dataset read, sampled, converted, checked (its media measured), tokenized and measured."""
     raw, rows = _sample(read_rows(spec, config), spec, config)
-    converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
-                        remove_columns=raw.column_names, features=features(config.stage),
-                        fn_kwargs={"spec": spec, "stage": config.stage},
-                        **_map_options(config, raw, f"converting {spec.name}"))
-    converted = measure_media(converted, spec, config, media, kind, rows,
-                              _map_options(config, converted, f"reading the media of {spec.name}"))
-    # Whole columns are read through Arrow: iterating `converted[name]` would format the rows one by one.
-    columns = converted.select_columns(["_rule", NUMBERS_COLUMN]).with_format("arrow")[:]
-    rules = columns.column("_rule").to_pylist()
-    # Raises when nothing survives, or at the first invalid sample with strict_data.
-    validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows,
-                               numbers=columns.column(NUMBERS_COLUMN).to_pylist())
-    if validation.skipped:
-        logger.warning("dataset %r: %s", spec.name, validation.summary())
-        converted = converted.select([i for i, rule in enumerate(rules) if not rule])
-    converted = converted.remove_columns(["_rule", NUMBERS_COLUMN])
-    tokenized = converted.map(arrow_rows, batched=True, batch_size=config.preprocessing_batch_size,
-                              remove_columns=converted.column_names,
-                              fn_kwargs=dict(kind=kind, tokenizer=tokenizer, template=template, config=config,
-                                             media=media),
-                              **_map_options(config, converted, f"tokenizing {spec.name}", kind not in BATCH_BOUND))
+    if fusable(spec, kind, media):
+        keys = dict(spec=spec, stage=config.stage, kind=kind, tokenizer=tokenizer, template=template, config=config)
+        tokenized = raw.map(convert_and_tokenize, batched=True, batch_size=config.preprocessing_batch_size,
+                            remove_columns=raw.column_names, fn_kwargs=keys,
+                            **_map_options(config, raw, f"converting and tokenizing {spec.name}"))
+        tokenized, rules, validation = _checked(tokenized, spec, config, rows)
+    else:
+        converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
+                            remove_columns=raw.column_names, features=features(config.stage),
+                            fn_kwargs={"spec": spec, "stage": config.stage},
+                            **_map_options(config, raw, f"converting {spec.name}"))
+        converted = measure_media(converted, spec, config, media, kind, rows,
+                                  _map_options(config, converted, f"reading the media of {spec.name}"))
+        converted, rules, validation = _checked(converted, spec, config, rows)
+        tokenized = converted.map(arrow_rows, batched=True, batch_size=config.preprocessing_batch_size,
+                                  remove_columns=converted.column_names,
+                                  fn_kwargs=dict(kind=kind, tokenizer=tokenizer, template=template, config=config,
+                                                 media=media),
+                                  **_map_options(config, converted, f"tokenizing {spec.name}",
+                                                 kind not in BATCH_BOUND))
     tokenized, validation = skip_cut_samples(tokenized, spec, rules, validation, config, rows)
     tokens = measure(tokenized, kind)
     logger.info("dataset %r (%s): %d of %d samples kept, %s", spec.name, spec.where, validation.kept,
                 validation.total, describe_tokens(tokens))
     internal = [column for column in tokenized.column_names if column.startswith("_")]
     return tokenized.remove_columns(internal), LoadReport(split, validation, tokens)
+
+
+def _checked(data: Any, spec: DatasetSpec, config: Any, rows: list[int] | None) -> tuple[Any, list[str], Any]:
+    """The valid rows of `data` (no rule or numbers column), every row's rule, and the validation report (raises
+    when nothing survives, or at the first invalid sample with strict_data). Columns are read whole, through Arrow:
+    iterating `data[name]` would format the rows one by one."""
+    columns = data.select_columns(["_rule", NUMBERS_COLUMN]).with_format("arrow")[:]
+    rules = columns.column("_rule").to_pylist()
+    validation = check_dataset(spec, rules, stage=config.stage, strict=config.strict_data, rows=rows,
+                               numbers=columns.column(NUMBERS_COLUMN).to_pylist())
+    if validation.skipped:
+        logger.warning("dataset %r: %s", spec.name, validation.summary())
+        data = data.select([i for i, rule in enumerate(rules) if not rule])
+    return data.remove_columns(["_rule", NUMBERS_COLUMN]), rules, validation
 
 
 def _mix(parts: list[Any], config: Any | None) -> Any:

@@ -88,8 +88,8 @@ def wants_padding_free(config: Config) -> bool:
     """`padding_free` as set, or, left unset, on where it trains exactly as padded batches do and costs nothing: stage
     sft, samples not packed already, text only (not a vision-language model), a model class of transformers (no
     `auto_map` run through `trust_remote_code`), attention that skips the other samples' tokens (FlashAttention, or
-    sdpa on a CPU with rows of at most SDPA_ROW_TOKENS; not eager). Not with NEFTune (`neftune_noise_alpha`), whose noise
-    shrinks with the row's length: a row of several samples would get less noise than each sample padded."""
+    sdpa on a CPU with rows of at most SDPA_ROW_TOKENS; not eager). Not with NEFTune (`neftune_noise_alpha`), whose
+    noise shrinks with the row's length: a row of several samples would get less noise than each sample padded."""
     if config.padding_free is not None:
         return config.padding_free
     if STAGE_SPECS[config.stage].data != "sft" or config.packing or config.neat_packing \
