@@ -98,9 +98,12 @@ def test_pretraining_stage_learns(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_interrupted_run_resumes_at_its_checkpoint_with_the_same_losses(tiny_model_dir, tmp_path):
+# Padding-free by default (sft on a CPU); with accumulation, a step's micro-batches come as one batch.
+@pytest.mark.parametrize("keys", [{}, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+                                  {"padding_free": False}])
+def test_interrupted_run_resumes_at_its_checkpoint_with_the_same_losses(tiny_model_dir, tmp_path, keys):
     out = tmp_path / "run"
-    config = run_config(tiny_model_dir, out)
+    config = run_config(tiny_model_dir, out, **keys)
     tunelab.train(config)
     uninterrupted = {r["current_steps"]: r["loss"] for r in read_log(out) if "loss" in r}
     # Leave output_dir as a run killed between its two checkpoints leaves it: checkpoint-12 and the log so far.
