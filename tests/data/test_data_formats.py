@@ -342,7 +342,8 @@ def test_json_errors_name_file_line_and_column(tmp_path):
         "doc.json": '[\n  {"instruction": "q", "output": "a"},\n  {"instruction": "q" "output": "a"}\n]\n',
         "lines.jsonl": '{"instruction": "q", "output": "a"}\n\n{"instruction": "q", "output": "a",}\n',
         "scalars.jsonl": '{"instruction": "q", "output": "a"}\n"just text"\n',
-        "good.jsonl": '{"a": 1}\n{"a": 2}\n'})
+        "good.jsonl": '{"a": 1}\n{"a": 2}\n', "good.json": '[{"a": 1},\n {"a": 2}]',
+        "mixed.json": '[\n  {"a": 1},\n\n  "text"\n]\n'})
     assert find_json_error([folder / "doc.json"]) == f"{folder / 'doc.json'}:3:23: invalid JSON: Expecting ',' " \
                                                      f"delimiter"
     assert find_json_error([folder / "good.jsonl", folder / "lines.jsonl"]) == \
@@ -350,6 +351,10 @@ def test_json_errors_name_file_line_and_column(tmp_path):
     assert find_json_error([folder / "scalars.jsonl"]).startswith(f"{folder / 'scalars.jsonl'}:2: sample 1 is str, "
                                                                   f"not an object")
     assert find_json_error([folder / "good.jsonl"]) is None
+    # An array of objects, read without looking for lines; one sample that is not an object, named by its line.
+    assert find_json_error([folder / "good.json"]) is None
+    assert find_json_error([folder / "mixed.json"]).startswith(f"{folder / 'mixed.json'}:4: sample 1 is str, not an "
+                                                               f"object")
     assert json_records(folder / "good.jsonl") == [(1, {"a": 1}), (2, {"a": 2})]
 
 

@@ -8,6 +8,7 @@ The packing equivalence test runs the tiny llama model of conftest: a neat-packe
 per-sample losses of the same samples run alone, and plain packing must not (its samples see each other).
 """
 
+import gc
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from tunelab.data import DataError, get_template
 from tunelab.data.collator import DataCollator
 from tunelab.data.packing import best_fit_decreasing, pack_rows
 from tunelab.config.stages import STAGE_SPECS
-from tunelab.data.processing import IGNORE_INDEX, PROCESSORS, pairwise_example, shared_prompt
+from tunelab.data.processing import IGNORE_INDEX, PROCESSORS, arrow_rows, pairwise_example, shared_prompt, to_arrow
 from tunelab.data.registry import data_kind
 from helpers import TOKENIZERS
 
@@ -235,6 +236,53 @@ def test_prompt_kind_ends_with_the_generation_prompt(qwen, template_name):
     # a conversation without a reference answer (prediction): the same prompt, no labels
     (unanswered,) = run("prompt", qwen, [{"messages": PROMPT, "system": SYSTEM}], template_name)
     assert unanswered["input_ids"] == prompt and unanswered["labels"] == []
+
+
+# ---------------------------------------------------------------- to Arrow
+
+
+ARROW_SAMPLES = {
+    "sft": [{"messages": PROMPT + [assistant("Two is even.")]}, {"messages": [user("Hi."), assistant("Hello!")]}],
+    "pairwise": [{"messages": PROMPT, "chosen": assistant("Two."), "rejected": assistant("Three is odd, so no.")}],
+    "kto": [{"messages": [user("Hi."), assistant("Hello!")], "kto_tag": True},
+            {"messages": PROMPT + [assistant("Two.")], "kto_tag": False}],
+    "prompt": [{"messages": PROMPT + [assistant("Two.")]}, {"messages": PROMPT}],
+}
+
+
+@needs_qwen
+@pytest.mark.parametrize("cutoff_len", [1024, 12])
+@pytest.mark.parametrize("kind", ARROW_SAMPLES)
+def test_the_arrow_table_holds_the_processors_lists(qwen, kind, cutoff_len):
+    # to_arrow reads no attention mask (it makes one of ones from the ids' offsets) and moves the other token
+    # columns through flat numpy arrays: the table must read back as exactly the processor's lists.
+    cfg = config(template="qwen", cutoff_len=cutoff_len)
+    batch = columns_of([{"system": None, "tools": None, **row} for row in ARROW_SAMPLES[kind]])
+    out = PROCESSORS[kind](batch, tokenizer=qwen, template=get_template(cfg, qwen), config=cfg)
+    assert to_arrow(out).to_pydict() == out
+
+
+@needs_qwen
+def test_a_map_batch_runs_without_garbage_collections(qwen):
+    # The processors make no reference cycles; the collections their lists would start free nothing (gc_paused.py).
+    cfg = config(template="qwen")
+    samples = [{"messages": [user(f"Question {i}?"), assistant(f"Answer {i}.")]} for i in range(500)]
+    batch = columns_of([{"system": None, "tools": None, **row} for row in samples])
+    keys = dict(tokenizer=qwen, template=get_template(cfg, qwen), config=cfg)
+    starts = []
+
+    def count(phase, info):
+        starts.extend([info["generation"]] if phase == "start" else [])
+
+    gc.callbacks.append(count)
+    try:
+        PROCESSORS["sft"](batch, **keys)
+        collected_unpaused, starts[:] = len(starts), []
+        table = arrow_rows(batch, kind="sft", **keys)
+    finally:
+        gc.callbacks.remove(count)
+    assert collected_unpaused > 0   # the same batch does start collections with the collector on
+    assert starts == [] and gc.isenabled() and table.num_rows == 500
 
 
 # ---------------------------------------------------------------- pt

@@ -220,6 +220,8 @@ def find_json_error(files: list[Path]) -> str | None:
     error, a byte that is not UTF-8, a key twice in one sample, nesting too deep, a string Arrow cannot store, or a
     sample that is not an object. None when every file is fine."""
     for path in files:
+        if _plain_array(path):
+            continue
         try:
             for index, (line, record) in enumerate(json_samples(path)):
                 if not isinstance(record, dict):
@@ -228,6 +230,22 @@ def find_json_error(files: list[Path]) -> str | None:
         except DataError as err:
             return str(err)
     return None
+
+
+def _plain_array(path: Path) -> bool:
+    """Whether a file is one JSON array of objects that `datasets` stores as it is: then `find_json_error` has
+    nothing to report and skips finding each sample's line (a second pass over the text, about half its time on
+    50,000 samples). False whenever there may be something to report, which `json_samples` then names by line."""
+    with path.open("rb") as handle:
+        if not handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return False
+    try:
+        text = read_text(path, DataError)
+        document = parse_json(text, path, DataError)
+    except DataError:
+        return False
+    return isinstance(document, list) and all(isinstance(sample, dict) for sample in document) \
+        and not _RISKY_ESCAPES.search(text)
 
 
 def _text_lines(path: Path) -> list[int | None]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.detect import TEXT_COLUMN
+from tunelab.data.gc_paused import gc_paused
 from tunelab.data.registry import check_stage, data_kind
 from tunelab.data.spec import DataError, DatasetSpec
 from tunelab.data.validation import MEDIA_PLACEHOLDERS, REPLY_ROLES, Invalid, check_sample
@@ -249,6 +250,7 @@ EMPTY_CHAT = {"messages": [], "system": None, "tools": None, "chosen": None, "re
               "images": [], "videos": [], "audios": []}
 
 
+@gc_paused
 def convert_batch(batch: dict[str, list], *, spec: DatasetSpec, stage: str) -> dict[str, list]:
     """`datasets.map(batched=True)` function: convert every row, recording in `_rule` why a row was refused.
 

@@ -17,6 +17,7 @@ whose rows depend on the other samples of their batch: an invalid sample left in
 from typing import Any
 
 from tunelab.data.formats import NUMBERS_COLUMN, convert_batch
+from tunelab.data.gc_paused import gc_paused
 from tunelab.data.processing import PROCESSORS, TRUNCATED_COLUMN, to_arrow
 from tunelab.data.spec import DatasetSpec
 from tunelab.data.validation import MEDIA_PLACEHOLDERS
@@ -30,6 +31,7 @@ def fusable(spec: DatasetSpec, kind: str, media: Any) -> bool:
     return kind in ROW_WISE_KINDS and media is None and not any(spec.column(key) for key in MEDIA_PLACEHOLDERS)
 
 
+@gc_paused
 def convert_and_tokenize(batch: dict[str, list], *, spec: DatasetSpec, stage: str, kind: str, tokenizer: Any,
                          template: Any, config: Any) -> Any:
     """`datasets.map(batched=True)` function: the processor's columns for every row (empty for an invalid row), and

@@ -26,6 +26,7 @@ previous sample's last token would otherwise learn to predict it.
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 
+from tunelab.data.gc_paused import gc_paused
 from tunelab.data.processing import IGNORE_INDEX
 
 Columns = dict[str, list]
@@ -64,6 +65,7 @@ def join_samples(samples: Iterable[tuple[list[int], list[int], Iterable[int]]]) 
     return input_ids, labels, positions
 
 
+@gc_paused
 def pack_rows(batch: Columns, *, cutoff_len: int, neat: bool) -> Columns:
     """`datasets.map(batched=True)` function: tokenized SFT rows (input_ids, labels) -> packed rows."""
     third = "position_ids" if neat else "attention_mask"
