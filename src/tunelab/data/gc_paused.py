@@ -21,11 +21,11 @@ def gc_paused(fn: Fn) -> Fn:
     """`fn` with the garbage collector off while it runs (left as it was when it was already off)."""
     @functools.wraps(fn)
     def paused(*args: Any, **kwargs: Any) -> Any:
-        if not gc.isenabled():  # an outer call paused it already
-            return fn(*args, **kwargs)
+        enabled = gc.isenabled()  # False inside an outer paused call, which turns it back on itself
         gc.disable()
         try:
             return fn(*args, **kwargs)
         finally:
-            gc.enable()
+            if enabled:
+                gc.enable()
     return paused  # type: ignore[return-value]

@@ -309,33 +309,24 @@ def to_arrow(out: Columns) -> Any:
     import numpy as np
     import pyarrow as pa
 
+    ids = {name: _id_lists(values) for name, values in out.items()
+           if name.endswith(TOKEN_COLUMNS) and not name.endswith("attention_mask")}
     table = {}
     for name, values in out.items():
         if name.endswith("attention_mask"):
-            ids = out[name.removesuffix("attention_mask") + "input_ids"]
-            offsets = _offsets(ids)
-            table[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ones(offsets[-1], dtype=np.int64)))
-        elif name.endswith(TOKEN_COLUMNS):
-            table[name] = _id_lists(values)
+            rows = ids[name.removesuffix("attention_mask") + "input_ids"]
+            table[name] = pa.ListArray.from_arrays(rows.offsets, pa.array(np.ones(len(rows.values), dtype=np.int64)))
         else:
-            table[name] = pa.array(values)
+            table[name] = ids[name] if name in ids else pa.array(values)
     return pa.table(table)
-
-
-def _offsets(rows: list[list[int]]) -> Any:
-    """Where each row starts in the rows' ids end to end, and where the last one ends (Arrow's list offsets)."""
-    import numpy as np
-
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum([len(row) for row in rows], out=offsets[1:])
-    return offsets
 
 
 def _id_lists(rows: list[list[int]]) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    offsets = _offsets(rows)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
     flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
