@@ -11,17 +11,20 @@ Each measurement runs in a fresh process pinned to the cores of its row (its CPU
 threads and tunelab's default worker count both follow), with TOKENIZERS_PARALLELISM unset, as a user runs it. Rows
 per core count:
 
-* tokenizer alone (the ceiling): the Rust tokenizer's batch call (`encode_batch`, 1000 texts per call, as the data
-  step calls it) on exactly the texts the template renders (rendered before the timing), ids and character spans,
-  with the tokenizer's threads on those cores. No data step tokenizes these texts faster there. The same call without
-  spans (`encode_batch_fast`, ids only) is shown beside it: the data step needs the spans to cut prompts from replies.
+* tokenizer alone: the Rust tokenizer's batch calls, 1000 texts per call as the data step makes them, on exactly the
+  texts the template renders (rendered before the timing), with the tokenizer's threads on those cores. Ids only
+  (`encode_batch_fast`): what the data step calls for a byte-level tokenizer such as this one, which it cuts at the
+  piece borders by the tokens' lengths in bytes; no data step tokenizes these texts faster there, so this is the
+  ceiling. Ids and character spans (`encode_batch`): what the data step calls for other fast tokenizers (and called
+  for all of them before 2026-12-07, 18:00, when it was the ceiling of the tables in benchmarks/README.md).
 * tunelab, defaults: the whole data step of a training run from a cold cache (a new `cache_dir`, so neither
   `datasets` nor tunelab has anything cached): read the json, convert, validate, tokenize, mask, measure and save
-  the cache entry (`load_datasets`), `preprocessing_num_workers` unset. Its share of the tokenizer-alone rate is the
+  the cache entry (`load_datasets`), `preprocessing_num_workers` unset. Its share of the ids-only rate is the
   figure of issue 15 (goal: 85%). The same config once more in the same process times the warm cache.
 * tunelab, the other use of several cores: one worker per core when the default keeps one process, one process
   (the tokenizer's threads) when the default starts workers.
-* tunelab's processors alone on converted rows, in batches of 1000 (tokenizing and masking without `datasets`).
+* tunelab's processors alone on converted rows, in batches of 1000 (tokenizing and masking without `datasets`, the
+  collector paused per batch as in the data step).
 * LLaMA-Factory (`--llamafactory`, or /tmp/lfvenv/bin/python when it exists): `llamafactory.data.get_dataset`, one
   process and one worker per core. It runs in its own virtual environment (it pins other versions of transformers
   and datasets); this same file runs there as the child process. LLaMA-Factory 0.9.5 imports torchaudio at import
@@ -142,21 +145,25 @@ def bench_rows(data_dir: Path) -> tuple[Any, Any, Any, list[list[dict]]]:
 
 
 def processor_child(data_dir: Path, workers: int, scratch: Path) -> dict:
-    """The sft processor alone on converted rows, in batches of 1000: tokenizing and masking without `datasets`."""
+    """The sft processor alone on converted rows, in batches of 1000: tokenizing and masking without `datasets`,
+    with the garbage collector paused for each batch as in the data step."""
+    from tunelab.data.gc_paused import gc_paused
     from tunelab.data.processing import PROCESSORS
 
     tokenizer, template, config, rows = bench_rows(data_dir)
+    process = gc_paused(PROCESSORS["sft"])   # as the data step's map functions run it
     start = time.perf_counter()
     for i in range(0, len(rows), 1000):
         part = rows[i:i + 1000]
-        PROCESSORS["sft"]({"messages": part, "system": [None] * len(part), "tools": [None] * len(part)},
-                          tokenizer=tokenizer, template=template, config=config)
+        process({"messages": part, "system": [None] * len(part), "tools": [None] * len(part)},
+                tokenizer=tokenizer, template=template, config=config)
     return {"seconds": time.perf_counter() - start, "rows": len(rows)}
 
 
 def ceiling_child(data_dir: Path, workers: int, scratch: Path) -> dict:
-    """The tokenizer alone on the texts the template renders (rendered first, untimed), in batches of 1000: with
-    character spans (`encode_batch`, what the data step calls) and ids only (`encode_batch_fast`)."""
+    """The tokenizer alone on the texts the template renders (rendered first, untimed), in batches of 1000: ids only
+    (`encode_batch_fast`, what the data step calls for a byte-level tokenizer) and with character spans
+    (`encode_batch`, what it calls for other fast tokenizers)."""
     tokenizer, template, _, rows = bench_rows(data_dir)
     texts = ["".join(template.render_pieces(tokenizer, messages, None, None)) for messages in rows]
     backend = tokenizer.backend_tokenizer
@@ -230,7 +237,7 @@ def compare(args: argparse.Namespace, data_dir: Path, scratch: Path, cores: int,
     from tunelab.data.workers import ROWS_PER_WORKER
 
     default_workers = min(cores, args.samples // ROWS_PER_WORKER)
-    rows = [("tokenizer alone: encode_batch, ids and spans (the ceiling)", sys.executable, "ceiling", 0),
+    rows = [("tokenizer alone: encode_batch_fast, ids only (the ceiling)", sys.executable, "ceiling", 0),
             (f"tunelab, defaults ({f'{default_workers} workers' if default_workers > 1 else '1 process'})",
              sys.executable, "tunelab", 0)]
     if cores > 1:
@@ -244,14 +251,14 @@ def compare(args: argparse.Namespace, data_dir: Path, scratch: Path, cores: int,
     best, loads = in_turns(args.repeat, [row[1:] for row in rows], data_dir, cores, scratch)
     print(f"\n--- {cores} core(s); load average at the start of each round: {', '.join(f'{x:.2f}' for x in loads)}")
     ceiling = best[rows[0][1:]]
-    print(f"{rows[0][0]:64} {rate(ceiling):7.0f} samples/s ({ceiling['seconds']:.1f} s)")
-    print(f"{'tokenizer alone: encode_batch_fast, ids only':64} {ceiling['rows'] / ceiling['fast_seconds']:7.0f} "
-          f"samples/s")
+    ids_only, with_spans = ceiling["rows"] / ceiling["fast_seconds"], ceiling["rows"] / ceiling["seconds"]
+    print(f"{rows[0][0]:64} {ids_only:7.0f} samples/s ({ceiling['fast_seconds']:.1f} s)")
+    print(f"{'tokenizer alone: encode_batch, ids and spans':64} {with_spans:7.0f} samples/s")
     for label, *row in rows[1:]:
         run = best[tuple(row)]
         warm = f", warm cache {run['warm_seconds']:.2f} s" if "warm_seconds" in run else ""
-        print(f"{label:64} {rate(run):7.0f} samples/s = {rate(run) / rate(ceiling):4.0%} of the ceiling "
-              f"({run['seconds']:.1f} s{warm})")
+        print(f"{label:64} {rate(run):7.0f} samples/s = {rate(run) / ids_only:4.0%} of the ceiling, "
+              f"{rate(run) / with_spans:4.0%} of encode_batch ({run['seconds']:.1f} s{warm})")
     print(f"    tunelab's rows: {best[rows[1][1:]]['tokens']}")
 
 

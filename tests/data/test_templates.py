@@ -8,6 +8,7 @@ come from the model vendors' documented formats or LLaMA-Factory's definitions, 
 """
 
 import json
+import random
 from dataclasses import replace
 from functools import cache
 from types import SimpleNamespace
@@ -17,7 +18,8 @@ import pytest
 from tunelab.config import load_config
 from tunelab.data import TEMPLATES, TemplateError, get_template
 from tunelab.data.template import TOOL_FORMATS, load_template_file, split_thought, split_tokens, to_hf_messages
-from tunelab.data.template.tokens import _split_by_prefixes
+from tunelab.data.template.tokens import (_backend, _byte_sizes, _cut, _cut_by_bytes, _cuts_by_spans,
+                                         _split_by_prefixes, split_tokens_batch)
 from helpers import REPO, TOKENIZERS
 
 needs_tokenizers = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason="../shared/tokenizers is not present")
@@ -275,6 +277,40 @@ def test_token_spanning_a_turn_border_keeps_exact_ids():
     assert sum(pieces, []) == tok("a\n\nb", add_special_tokens=False)["input_ids"]
     # Python tokenizers give no character spans; cutting where prefix ids stop agreeing gives the same pieces.
     assert _split_by_prefixes(tok, ["a\n", "\nb"]) == pieces == [tok.encode("a"), tok.encode("\n\nb")]
+
+
+#: Text that byte-level tokenizers cut into tokens of uneven byte lengths: multi-byte characters, a base letter and
+#: its combining accent (not in NFC: Qwen's normalizer composes them), runs of spaces and newlines, special tokens.
+TRICKY_TEXT = ["a", "Z", "7", " ", "  ", "\n", "\n\n", "\t", "!", "é", "e\u0301", "世界", "🙂", "👍🏽", "ß", "Ω", "'s",
+               "<|im_end|>", "<|eot_id|>", "<|im_start|>", "</s>", "word", " the"]
+
+
+@needs_tokenizers
+@pytest.mark.parametrize("name, byte_level", [("qwen2.5-instruct", True), ("llama-3.2-instruct", True),
+                                              ("smollm2-135m-instruct-from-gguf", True),
+                                              ("mistral-7b-instruct-v0.3", False), ("yi-6b-chat", False)])
+def test_cutting_by_token_bytes_equals_cutting_by_character_spans(name, byte_level):
+    # Byte-level BPE tokenizers are cut at the piece borders from their tokens' lengths in bytes (ids only, no
+    # character spans); every cut must be the one the character spans give, borders inside characters, special
+    # tokens and merged whitespace included. Others keep the spans.
+    tok = _tokenizer(name)
+    assert (_byte_sizes(tok) is not None) == byte_level
+    rng = random.Random(15)
+    texts = []
+    for _ in range(400):
+        text = "".join(rng.choice(TRICKY_TEXT) for _ in range(rng.randint(0, 30)))
+        borders = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(1, 5)))
+        texts.append([text[a:b] for a, b in zip([0, *borders], [*borders, len(text)])])
+    expected = []
+    for pieces in texts:
+        encoding = _backend(tok).encode("".join(pieces), add_special_tokens=False)
+        expected.append(_cut(encoding.ids, _cuts_by_spans(encoding, pieces)))
+    assert split_tokens_batch(tok, texts) == expected
+    if byte_level:   # Qwen's texts with a combining accent went the spans' way: its normalizer changes them
+        fallback = sum(_cut_by_bytes(_backend(tok).encode("".join(p), add_special_tokens=False).ids, "".join(p), p,
+                                     _byte_sizes(tok)) is None for p in texts)
+        normalized = sum("e\u0301" not in "".join(p) for p in texts)
+        assert fallback == (len(texts) - normalized if name == "qwen2.5-instruct" else 0)
 
 
 @needs_tokenizers

@@ -79,7 +79,9 @@ class _LoraLinear(torch.autograd.Function):
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         with torch.autocast(grad.device.type, enabled=False):
             grad_down = (grad @ lora_b.to(dtype)).mul_(scaling)   # [tokens, rank]
-            grad_b = (grad.t() @ down).mul_(scaling)
+            # [rank, tokens] x [tokens, out], transposed: the same sums in a quarter of the time of
+            # [out, tokens] x [tokens, rank] on a CPU (0.3 ms of 5 in a 576 -> 1536 layer's backward, 730 tokens).
+            grad_b = (down.t() @ grad).mul_(scaling).t()
             grad_a = grad_down.t() @ rows
             grad_x = None
             if ctx.needs_input_grad[0]:
