@@ -314,6 +314,17 @@ def test_cutting_by_token_bytes_equals_cutting_by_character_spans(name, byte_lev
 
 
 @needs_tokenizers
+def test_tokens_added_after_a_first_cut_are_cut_by_their_bytes_too():
+    # A template adds its markers to a tokenizer that may have cut texts already: the byte sizes follow.
+    tok = fresh("qwen2.5-instruct")
+    assert split_tokens_batch(tok, [["a ", "b"]]) == [[tok.encode("a"), tok.encode(" b")]]
+    tok.add_special_tokens({"additional_special_tokens": ["<|marker|>"]})
+    marker = tok.convert_tokens_to_ids("<|marker|>")
+    assert split_tokens_batch(tok, [["a<|marker|>", " b"]]) == [[[*tok.encode("a"), marker], tok.encode(" b")]]
+    assert len(_byte_sizes(tok).lengths) > marker
+
+
+@needs_tokenizers
 def test_empty_template_trains_eos():
     tok = _tokenizer("qwen2.5-instruct")
     pairs = template_for(tok, "empty").encode_turns(tok, SINGLE)

@@ -130,7 +130,8 @@ class ByteSizes(NamedTuple):
     nfc: bool
 
 
-_byte_sizes_of: "WeakKeyDictionary[Any, ByteSizes | None]" = WeakKeyDictionary()
+#: tokenizer -> (its vocabulary size when measured, its ByteSizes or None)
+_byte_sizes_of: "WeakKeyDictionary[Any, tuple[int, ByteSizes | None]]" = WeakKeyDictionary()
 #: A text in pieces whose borders fall inside, between and around special tokens, spaces, newlines and
 #: multi-byte characters: a tokenizer cut by bytes must cut it as by character spans.
 _BYTE_PROBE = ["<|im_start|>user\n", " Hi  there,\t世界!", "\n\n", "</s><s>[INST] ok", " ✓<|im_end|>\n", "\nZ é"]
@@ -139,10 +140,12 @@ _BYTE_PROBE = ["<|im_start|>user\n", " Hi  there,\t世界!", "\n\n", "</s><s>[IN
 def _byte_sizes(tokenizer: Any) -> ByteSizes | None:
     """Each token's length in bytes, for a byte-level BPE tokenizer (every vocabulary entry written in the 256
     characters that stand for bytes) without a normalizer or with NFC; None for any other (checked once per
-    tokenizer, on `_BYTE_PROBE` against the character spans)."""
-    if tokenizer not in _byte_sizes_of:
-        _byte_sizes_of[tokenizer] = _measure_byte_sizes(_backend(tokenizer))
-    return _byte_sizes_of[tokenizer]
+    tokenizer, on `_BYTE_PROBE` against the character spans, and again when tokens have been added to it)."""
+    backend = _backend(tokenizer)
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if tokenizer not in _byte_sizes_of or _byte_sizes_of[tokenizer][0] != size:
+        _byte_sizes_of[tokenizer] = (size, _measure_byte_sizes(backend))
+    return _byte_sizes_of[tokenizer][1]
 
 
 def _measure_byte_sizes(backend: Any) -> ByteSizes | None:
@@ -156,11 +159,12 @@ def _measure_byte_sizes(backend: Any) -> ByteSizes | None:
     vocabulary = backend.get_vocab(with_added_tokens=False)
     if not set("".join(vocabulary)) <= set(bytes_to_unicode().values()):
         return None   # not byte-level: SentencePiece's "▁", byte-fallback tokens, ...
-    lengths = [0] * backend.get_vocab_size(with_added_tokens=True)
+    added = backend.get_added_tokens_decoder()
+    lengths = [0] * (max([*vocabulary.values(), *added]) + 1)
     for token, index in vocabulary.items():
         lengths[index] = len(token)
-    for index, added in backend.get_added_tokens_decoder().items():
-        lengths[index] = len(added.content.encode())
+    for index, token in added.items():
+        lengths[index] = len(token.content.encode())
     sizes = ByteSizes(lengths, nfc=normalizer is not None)
     text = "".join(_BYTE_PROBE)
     encoding = backend.encode(text, add_special_tokens=False)
