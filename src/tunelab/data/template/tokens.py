@@ -149,15 +149,14 @@ def _byte_sizes(tokenizer: Any) -> ByteSizes | None:
 
 
 def _measure_byte_sizes(backend: Any) -> ByteSizes | None:
-    from tokenizers import normalizers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from tokenizers import normalizers, pre_tokenizers
 
     normalizer = backend.normalizer
     if normalizer is not None and not isinstance(normalizer, normalizers.NFC) or \
             not hasattr(backend, "encode_batch_fast"):
         return None
     vocabulary = backend.get_vocab(with_added_tokens=False)
-    if not set("".join(vocabulary)) <= set(bytes_to_unicode().values()):
+    if not set("".join(vocabulary)) <= set(pre_tokenizers.ByteLevel.alphabet()):
         return None   # not byte-level: SentencePiece's "▁", byte-fallback tokens, ...
     added = backend.get_added_tokens_decoder()
     lengths = [0] * (max([*vocabulary.values(), *added]) + 1)
