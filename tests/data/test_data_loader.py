@@ -88,6 +88,59 @@ def test_second_identical_run_reads_the_cache(tmp_path, tok, log):
     assert len(list(cache_root(config).iterdir())) == 1
 
 
+@pytest.mark.parametrize("stage", ["sft", "pt", "dpo"])
+def test_the_cache_stores_tokens_narrow_and_batches_them_as_long(tmp_path, tok, stage):
+    # Ids and labels are int32 on disk and the mask int8 (9 bytes a token, not int64's 24); the collator must still
+    # hand the model int64 tensors, which the embedding and the loss take.
+    import torch
+
+    from tunelab.data.collator import DataCollator, PairwiseCollator
+
+    rows = [{"instruction": f"q{i}", "output": f"answer {i}", "chosen": f"yes {i}", "rejected": f"no {i}"}
+            for i in range(6)]
+    info = {"a": {"file_name": "a.json", "ranking": stage == "dpo",
+                  "columns": {"prompt": "instruction", "response": "output"} if stage != "dpo" else
+                  {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}}
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    (folder / "a.json").write_text(json.dumps(rows))
+    config = make_config(tmp_path, folder, stage=stage)
+    load(config, tok)
+    train = load(config, tok).train  # read back from the cache entry
+    sequences = [name for name in train.features if name.endswith(("input_ids", "labels", "attention_mask"))]
+    assert sequences
+    for name in sequences:
+        assert train.features[name].feature.dtype == ("int8" if name.endswith("attention_mask") else "int32"), name
+    collate = PairwiseCollator(tok) if stage == "dpo" else DataCollator(tok)
+    batch = collate([train[i] for i in range(min(3, len(train)))])  # pt: its documents may make one chunk
+    assert {tensor.dtype for name, tensor in batch.items() if name in ("input_ids", "labels", "attention_mask")} \
+        == {torch.int64}
+
+
+def test_map_files_are_named_by_the_cache_key_without_pickling_the_tokenizer(tmp_path, tok, monkeypatch):
+    # `datasets` names a map's file by hashing its arguments, which pickles the tokenizer (up to a second a map);
+    # tunelab names it from its own key: the same config maps to the same file (no new one per overwrite_cache
+    # run), another template to another, and `datasets` is never given the tokenizer to hash.
+    from datasets.fingerprint import Hasher
+
+    hashed, hash_value = [], Hasher.hash
+    monkeypatch.setattr(Hasher, "hash", staticmethod(lambda value: hashed.append(value) or hash_value(value)))
+    folder = write_data(tmp_path / "d", {"a": qa_rows("a", 8)})
+
+    def map_files() -> list[str]:
+        return sorted(path.name for path in (tmp_path / "cache").rglob("cache-*.arrow"))
+
+    load(make_config(tmp_path, folder, overwrite_cache=True), tok)
+    first = map_files()
+    load(make_config(tmp_path, folder, overwrite_cache=True), tok)
+    assert map_files() == first and first
+    load(make_config(tmp_path, folder, overwrite_cache=True, template="empty"), tok)
+    assert len(map_files()) == len(first) + 1
+    given_tok = [value for value in hashed if value is tok or isinstance(value, dict) and tok in value.values()]
+    assert hashed and not given_tok
+
+
 CHANGES = {
     "template": {"template": "empty"},
     "cutoff_len": {"cutoff_len": 16},

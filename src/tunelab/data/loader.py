@@ -7,10 +7,10 @@
 Per dataset: read its files (or hub repository), take `num_samples` / `max_samples`, convert the rows to the internal
 form (formats.py), drop the invalid ones with a count per rule (or refuse the dataset with `strict_data`), tokenize
 with the processor of the data kind (processing.py; text of the row-wise kinds converts and tokenizes in one map,
-fused_map.py) and measure the result. Then per split: mix the training
-datasets (`mix_strategy`; evaluation datasets are concatenated, so each is evaluated whole and once), hold out
-`val_size`, and pack (`packing`, `neat_packing`). Tokenizing each dataset before mixing gives the statistics per
-dataset and holds out the same rows as splitting first would (the split depends only on the row count and the seed).
+fused_map.py) and measure the result. Then per split: mix the training datasets (`mix_strategy`; evaluation
+datasets are concatenated, so each is evaluated whole and once), hold out `val_size`, and pack (`packing`,
+`neat_packing`). Tokenizing each dataset before mixing gives the statistics per dataset and holds out the same rows as
+splitting first would (the split depends only on the row count and the seed).
 
 `media` is a vision-language model's `data.media.MediaProcessor` (None otherwise, and a sample with media is refused):
 files are measured after conversion (data/media/checks.py), and rows keep `images` and `videos` for the collator.
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.cache import cache_folder, cache_key, load_saved, save_splits
+from tunelab.data.cache import cache_folder, cache_key, digest, load_saved, save_splits
 from tunelab.data.files import read_rows
 from tunelab.data.formats import NUMBERS_COLUMN, convert_batch, features
 from tunelab.data.fused_map import convert_and_tokenize, fusable
@@ -83,13 +83,15 @@ def load_datasets(config: Any, tokenizer: Any, template: Any = None, kind: str |
             raise DataError(f"`tokenized_path: {tokenized_path}` does not exist yet, and a stream cannot be saved "
                             f"there: turn `streaming` off for the run that writes it")
         return _stream(specs, config, tokenizer, template, kind, packing)
+    key = cache_key(config, kind=kind, packing=packing, specs=specs, tokenizer=tokenizer, template=template,
+                    media=media)
     if tokenized_path is not None:
-        splits = _build(specs, config, tokenizer, template, kind, packing, media)
+        splits = _build(specs, config, tokenizer, template, kind, packing, media, digest(key))
         save_splits(tokenized_path, splits.train, splits.eval, _meta(kind, splits.reports))
         logger.info("saved the tokenized data to tokenized_path %s: runs with this tokenized_path read it from there",
                     tokenized_path)
     else:
-        splits = _cached_build(specs, config, tokenizer, template, kind, packing, media)
+        splits = _cached_build(key, specs, config, tokenizer, template, kind, packing, media)
     _log_sets(splits, config, kind, packing, tokenizer)
     return splits
 
@@ -125,16 +127,14 @@ def resolve_packing(config: Any, kind: str) -> bool:
 # ---------------------------------------------------------------- cache and tokenized_path
 
 
-def _cached_build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
-                  packing: bool, media: Any) -> DatasetSplits:
-    key = cache_key(config, kind=kind, packing=packing, specs=specs, tokenizer=tokenizer, template=template,
-                    media=media)
+def _cached_build(key: dict[str, Any], specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any,
+                  template: Any, kind: str, packing: bool, media: Any) -> DatasetSplits:
     folder = cache_folder(config, key)
     saved = None if config.overwrite_cache else load_saved(folder)
     if saved is not None:
         logger.info("loaded tokenized data from cache %s", folder)
         return DatasetSplits(saved.train, saved.eval, _reports(saved.meta))
-    splits = _build(specs, config, tokenizer, template, kind, packing, media)
+    splits = _build(specs, config, tokenizer, template, kind, packing, media, digest(key))
     save_splits(folder, splits.train, splits.eval, _meta(kind, splits.reports), key)
     logger.info("saved the tokenized data to cache %s", folder)
     return splits
@@ -169,13 +169,13 @@ def _reports(meta: dict[str, Any]) -> list[LoadReport]:
 
 
 def _build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, template: Any, kind: str,
-           packing: bool, media: Any = None) -> DatasetSplits:
+           packing: bool, media: Any, stamp: str) -> DatasetSplits:
     reports: list[LoadReport] = []
     sets: dict[str, Any] = {}
     for split, group in specs.items():
         parts = []
         for spec in group:
-            tokenized, report = _prepare(spec, split, config, tokenizer, template, kind, media)
+            tokenized, report = _prepare(spec, split, config, tokenizer, template, kind, media, stamp)
             parts.append(tokenized)
             reports.append(report)
         sets[split] = _mix(parts, config if split == "train" else None)
@@ -183,33 +183,31 @@ def _build(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, tem
     if train is not None and config.val_size > 0:
         train, evaluation = _hold_out(train, config)
     if packing:
-        train, evaluation = _pack(train, config), _pack(evaluation, config)
+        train, evaluation = _pack(train, config, stamp), _pack(evaluation, config, stamp)
     return DatasetSplits(train, evaluation, reports)
 
 
 def _prepare(spec: DatasetSpec, split: str, config: Any, tokenizer: Any, template: Any, kind: str,
-             media: Any) -> tuple[Any, LoadReport]:
+             media: Any, stamp: str) -> tuple[Any, LoadReport]:
     """One dataset read, sampled, converted, checked (its media measured), tokenized and measured."""
     raw, rows = _sample(read_rows(spec, config), spec, config)
+    keys = dict(kind=kind, tokenizer=tokenizer, template=template, config=config)
     if fusable(spec, kind, media):
-        keys = dict(spec=spec, stage=config.stage, kind=kind, tokenizer=tokenizer, template=template, config=config)
         tokenized = raw.map(convert_and_tokenize, batched=True, batch_size=config.preprocessing_batch_size,
-                            remove_columns=raw.column_names, fn_kwargs=keys,
-                            **_map_options(config, raw, f"converting and tokenizing {spec.name}"))
+                            remove_columns=raw.column_names, fn_kwargs=dict(keys, spec=spec, stage=config.stage),
+                            **_map_options(config, raw, f"converting and tokenizing {spec.name}", stamp))
         tokenized, rules, validation = _checked(tokenized, spec, config, rows)
     else:
         converted = raw.map(convert_batch, batched=True, batch_size=config.preprocessing_batch_size,
                             remove_columns=raw.column_names, features=features(config.stage),
                             fn_kwargs={"spec": spec, "stage": config.stage},
-                            **_map_options(config, raw, f"converting {spec.name}"))
+                            **_map_options(config, raw, f"converting {spec.name}", stamp))
         converted = measure_media(converted, spec, config, media, kind, rows,
-                                  _map_options(config, converted, f"reading the media of {spec.name}"))
+                                  _map_options(config, converted, f"reading the media of {spec.name}", stamp))
         converted, rules, validation = _checked(converted, spec, config, rows)
         tokenized = converted.map(arrow_rows, batched=True, batch_size=config.preprocessing_batch_size,
-                                  remove_columns=converted.column_names,
-                                  fn_kwargs=dict(kind=kind, tokenizer=tokenizer, template=template, config=config,
-                                                 media=media),
-                                  **_map_options(config, converted, f"tokenizing {spec.name}",
+                                  remove_columns=converted.column_names, fn_kwargs=dict(keys, media=media),
+                                  **_map_options(config, converted, f"tokenizing {spec.name}", stamp,
                                                  kind not in BATCH_BOUND))
     tokenized, validation = skip_cut_samples(tokenized, spec, rules, validation, config, rows)
     tokens = measure(tokenized, kind)
@@ -247,28 +245,29 @@ def _mix(parts: list[Any], config: Any | None) -> Any:
                                stopping_strategy=INTERLEAVE_STOPPING[config.mix_strategy])
 
 
-def _pack(data: Any, config: Any) -> Any:
+def _pack(data: Any, config: Any, stamp: str | None) -> Any:
     if data is None:
         return None
     return data.map(pack_rows, batched=True, batch_size=config.preprocessing_batch_size,
                     remove_columns=_columns(data),
                     fn_kwargs={"cutoff_len": config.cutoff_len, "neat": config.neat_packing},
-                    **_map_options(config, data, "packing", row_wise=False))
+                    **_map_options(config, data, "packing", stamp, row_wise=False))
 
 
-def _map_options(config: Any, data: Any, desc: str, row_wise: bool = True) -> dict[str, Any]:
+def _map_options(config: Any, data: Any, desc: str, stamp: str | None, row_wise: bool = True) -> dict[str, Any]:
     """Workers of a `datasets.map` over a map-style dataset (an IterableDataset takes none): workers.py decides,
     `row_wise` saying whether each output row depends on one input row only.
 
     The map never reads the cache files of `datasets`: their fingerprint pickles the template's class by reference,
-    so a changed template would read stale tokens. tunelab's own key covers the source of the whole data layer.
+    so a changed template would read stale tokens (tunelab's own key covers the source of the whole data layer). The
+    file is named from that key's digest, `stamp`: `datasets` would pickle the tokenizer to name it (0.1-1 s a map).
     """
     from datasets import IterableDataset
 
     if isinstance(data, IterableDataset):
         return {}
     return {"num_proc": map_workers(config.preprocessing_num_workers, len(data), row_wise),
-            "load_from_cache_file": False, "desc": desc}
+            "load_from_cache_file": False, "desc": desc, "new_fingerprint": digest([data._fingerprint, desc, stamp])}
 
 
 # ---------------------------------------------------------------- reading
@@ -320,7 +319,7 @@ def _stream(specs: dict[str, list[DatasetSpec]], config: Any, tokenizer: Any, te
             for split, group in specs.items()}
     train = _shuffled_stream(sets["train"], config) if sets["train"] is not None else None
     if packing:
-        return DatasetSplits(_pack(train, config), _pack(sets["eval"], config))
+        return DatasetSplits(_pack(train, config, None), _pack(sets["eval"], config, None))
     return DatasetSplits(train, sets["eval"])
 
 

@@ -303,7 +303,11 @@ def to_arrow(out: Columns) -> Any:
     """A processor's columns as a pyarrow Table: each token column goes to Arrow through one flat numpy array, about
     4x faster than `datasets` converts nested lists of Python ints (measured: 0.23 s against 1 s for 50,000 rows of
     275 ids). An attention mask is all ones, as long as its input_ids (`_add_row`, `pt_batch`): it is made from their
-    offsets, not read. Columns without rows stay as they are."""
+    offsets, not read. Columns without rows stay as they are.
+
+    Ids and labels are stored as int32 and the mask as int8 (the collator makes int64 tensors of them): 9 bytes a
+    token instead of the 24 of `datasets`' int64 default. The map's file and the cache entry each hold every token, so
+    that is 2.6x less to write, and a cache entry 2.6x smaller on disk."""
     if not any(out.values()):
         return out
     import numpy as np
@@ -315,7 +319,7 @@ def to_arrow(out: Columns) -> Any:
     for name, values in out.items():
         if name.endswith("attention_mask"):
             rows = ids[name.removesuffix("attention_mask") + "input_ids"]
-            table[name] = pa.ListArray.from_arrays(rows.offsets, pa.array(np.ones(len(rows.values), dtype=np.int64)))
+            table[name] = pa.ListArray.from_arrays(rows.offsets, pa.array(np.ones(len(rows.values), dtype=np.int8)))
         else:
             table[name] = ids[name] if name in ids else pa.array(values)
     return pa.table(table)
@@ -327,7 +331,7 @@ def _id_lists(rows: list[list[int]]) -> Any:
 
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(row) for row in rows], out=offsets[1:])
-    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 

@@ -68,6 +68,7 @@ def row_lengths(tokenized: Any, kind: str) -> Any:
 def measure(tokenized: Any, kind: str) -> TokenStats:
     """Row lengths, trained tokens and truncated rows of a tokenized `datasets.Dataset`, counted in Arrow."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     _, ids_column, labels_column = SEQUENCES[kind][0]
@@ -75,7 +76,11 @@ def measure(tokenized: Any, kind: str) -> TokenStats:
     lengths = pc.list_value_length(table[ids_column])
     trained = None
     if labels_column is not None:
-        trained = int(pc.sum(pc.not_equal(pc.list_flatten(table[labels_column]), IGNORE_INDEX)).as_py() or 0)
+        labels = pc.list_flatten(table[labels_column])
+        # Compared with a scalar of their own type (to_arrow stores int32): a plain int would first cast them all to
+        # int64. A column of empty rows only may have no integer type.
+        ignored = pa.scalar(IGNORE_INDEX, labels.type) if pa.types.is_integer(labels.type) else IGNORE_INDEX
+        trained = int(pc.sum(pc.not_equal(labels, ignored)).as_py() or 0)
     truncated = None
     if TRUNCATED_COLUMN in tokenized.column_names:
         truncated = int(pc.sum(pc.cast(table[TRUNCATED_COLUMN], "int64")).as_py() or 0)
