@@ -144,13 +144,18 @@ def test_padding_free_in_bf16_on_a_cpu_pads_each_sample_and_counts_only_its_toke
 def test_a_padding_free_row_splits_into_passes_of_whole_samples():
     row = {name: torch.tensor([values]) for name, values in flatten(samples([5, 3, 4, 6, 3])).items()}
     pieces = split_padding_free(row, 8)
-    # 5 + 3 fill 8; 4 + 6 and 6 + 3 would not fit.
-    assert [piece["input_ids"].shape[1] for piece in pieces] == [8, 4, 6, 3]
+    # Four passes at most 8 long is the fewest (4 + 6 and 6 + 3 do not fit); filled in order they would be 8, 4, 6, 3,
+    # but 5, 3 + 4, 6, 3 is as few and its largest is smaller.
+    assert [piece["input_ids"].shape[1] for piece in pieces] == [5, 7, 6, 3]
     for name in row:
         assert torch.equal(torch.cat([piece[name] for piece in pieces], dim=1), row[name]), name
     assert all(piece["position_ids"][0, 0] == 0 for piece in pieces), "each piece starts a sample"
     # A sample longer than a pass goes alone.
     assert [piece["input_ids"].shape[1] for piece in split_padding_free(row, 4)] == [5, 3, 4, 6, 3]
+    # Two passes of at most 10: 6 + 8, not 9 + 5.
+    row = {name: torch.tensor([values]) for name, values in flatten(samples([3, 3, 3, 3, 2])).items()}
+    assert [piece["input_ids"].shape[1] for piece in split_padding_free(row, 10)] == [6, 8]
+    assert [piece["input_ids"].shape[1] for piece in split_padding_free(row, 14)] == [14]
 
 
 def test_padding_free_switches_sdpa_to_segment_attention(tiny_model_dir, tmp_path):

@@ -109,16 +109,30 @@ def flatten(features: list[dict[str, Any]], multiple: int = 1, pad_id: int = 0) 
 def split_padding_free(batch: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:
     """A padding-free batch (one row) -> batches of whole samples, each of at most `max_tokens` tokens (a longer
     sample alone). Samples start where position_ids are 0; their first labels are -100 already, so each piece trains
-    what it held in the row."""
+    what it held in the row.
+
+    The pieces are as few as `max_tokens` allows, and as even as the samples' borders allow: the largest piece sets
+    the memory of the step, so of the splits into that many pieces the one whose largest piece is smallest is taken.
+    Filling each piece up to `max_tokens` instead would leave a small last one and hold the most memory every step."""
     length = batch["input_ids"].shape[1]
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    fewest = len(_fill(starts, length, max_tokens))
+    low, high = 1, max_tokens   # the smallest cap that still gives `fewest` pieces
+    while low < high:
+        cap = (low + high) // 2
+        low, high = (low, cap) if len(_fill(starts, length, cap)) <= fewest else (cap + 1, high)
+    return [{name: value[:, piece] for name, value in batch.items()} for piece in _fill(starts, length, low)]
+
+
+def _fill(starts: list[int], length: int, cap: int) -> list[slice]:
+    """Pieces of the row taking samples in order while they fit in `cap` tokens."""
     pieces, begin = [], 0
     for start, end in zip(starts, [*starts[1:], length]):
-        if end - begin > max_tokens and start > begin:
+        if end - begin > cap and start > begin:
             pieces.append(slice(begin, start))
             begin = start
     pieces.append(slice(begin, length))
-    return [{name: value[:, piece] for name, value in batch.items()} for piece in pieces]
+    return pieces
 
 
 class PairwiseCollator:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from tunelab.config import Config, ConfigError
 from tunelab.model.adapters import add_adapter
 from tunelab.model.fused_lora import fuse_lora_layers
+from tunelab.model.gated_mlp import fuse_gated_mlps
 from tunelab.model.layers import (decoder_layers_prefix, embedding_names, layer_pattern, names_module, num_layers,
                                   trainable_layer_ids)
 from tunelab.model.precision import set_trainable_dtype, upcast_layernorm, upcast_lmhead_output
@@ -50,6 +51,7 @@ def apply_method(model: "PreTrainedModel", config: Config, vocab_resized: bool =
     set_trainable_dtype(model, config)
     if config.method == "lora":
         fuse_lora_layers(model)
+    fuse_gated_mlps(model)
     if config.upcast_layernorm:
         upcast_layernorm(model)
     if config.upcast_lmhead_output:

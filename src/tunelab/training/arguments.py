@@ -89,10 +89,10 @@ def step_layout(config: Config) -> dict[str, int]:
 
     With `padding_free` a step's micro-batches come as one batch (accumulation 1), which SFTTrainer runs in as few
     forward passes as hold per_device_train_batch_size x the longest sample's tokens each (the run's largest padded
-    micro-batch): batch 1 x accumulation 8 over samples of ~250 tokens, the longest 1,000, becomes 2 passes of ~1,000
-    tokens instead of 8 of ~250, each matmul with more rows. The gradients and losses are those of the micro-batches, as
-    the loss is a sum over the step's tokens divided by their count. Not under DeepSpeed or FSDP, which count the
-    accumulated micro-steps themselves."""
+    micro-batch), split as evenly as the samples allow (collator.split_padding_free): batch 1 x accumulation 8 over
+    samples of ~250 tokens, the longest 1,000, becomes 2 passes of ~1,000 tokens instead of 8 of ~250, each matmul with
+    more rows. The gradients and losses are those of the micro-batches, as the loss is a sum over the step's tokens
+    divided by their count. Not under DeepSpeed or FSDP, which count the accumulated micro-steps themselves."""
     batch, steps = config.per_device_train_batch_size, config.gradient_accumulation_steps
     engine = config.extra_training_args.get("deepspeed") or config.extra_training_args.get("fsdp")
     if wants_padding_free(config) and steps > 1 and not engine:
